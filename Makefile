@@ -1,0 +1,40 @@
+# Red-Seg in Caffe. `make help` lists the targets.
+SHELL := /bin/bash
+PY      := .venv/bin/python
+# Where things are (override on the command line: make stage1 DATA=data/idrid GPU=0)
+IDRID    ?=
+DATA     ?= data/idrid
+RUN      ?= runs/idrid
+SCHEDULE ?= paper
+GPU      ?=
+VGG16    ?= models/vgg16/VGG_ILSVRC_16_layers.caffemodel
+WEIGHTS  ?= $(RUN)/stage2_final.caffemodel
+GPU_FLAG := $(if $(GPU),--gpu $(GPU),)
+
+.PHONY: help setup test lint prototxt data stage1 stage2 evaluate demo vgg16 benchmark clean
+
+help:
+	@echo "make setup      venv + BVLC Caffe with pycaffe (cached build; CAFFE_ROOT=... to use your own)"
+	@echo "make test       the whole test suite"
+	@echo "make demo       the whole pipeline on a synthetic fundus set -> runs/demo/report.md"
+	@echo "make data IDRID=/path/to/IDRiD   prepare the official IDRiD segmentation set into $(DATA)"
+	@echo "make vgg16      fetch/validate ImageNet VGG16 weights into $(VGG16)"
+	@echo "make stage1 stage2 [SCHEDULE=paper|demo|smoke] [GPU=0] [DATA=...] [RUN=...]"
+	@echo "make evaluate   score $(WEIGHTS) on the test images of $(DATA)"
+	@echo "make prototxt   regenerate prototxt/ from redseg/net.py"
+	@echo "make lint       ruff"
+
+setup:
+	@bash tools/setup.sh
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+prototxt: setup
+	$(PY) tools/make_prototxt.py --out prototxt
+
+clean:
+	rm -rf runs/demo .pytest_cache

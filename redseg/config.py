@@ -1,0 +1,142 @@
+"""Every constant taken from the paper, in one place.
+
+Guo S. et al., "Red lesion segmentation in fundus images based on multi-task learning"
+(Red-Seg), Journal of Software (Ruan Jian Xue Bao). Section numbers below refer to that paper;
+``SPEC`` refers to the project's restatement of it (shared/SPEC.md). The net generator, the
+tools, the tests and the docs all read these values from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# --- Lesions (section 1; SPEC "Network") ---------------------------------------------------------
+LESIONS = ("MA", "HE")  # microaneurysms, haemorrhages: the two branches, in this order
+ALL_IDRID_LESIONS = ("MA", "HE", "EX", "SE", "OD")
+IDRID_LESION_DIRS = {
+    "MA": "1. Microaneurysms",
+    "HE": "2. Haemorrhages",
+    "EX": "3. Hard Exudates",
+    "SE": "4. Soft Exudates",
+    "OD": "5. Optic Disc",
+}
+
+# --- Network (Table 1, Fig. 2; Table 5 for the fusion variants) ---------------------------------
+VGG16_CONVS = (
+    ("conv1", 64, 2),
+    ("conv2", 128, 2),
+    ("conv3", 256, 3),
+    ("conv4", 512, 3),
+    ("conv5", 512, 3),
+)
+# Side outputs per branch: the last conv of each stage. Stride of stage k is 2**(k-1).
+BRANCH_STAGES = {"MA": (2, 3, 4), "HE": (3, 4, 5)}
+# Table 5 ablations for the MA branch (stage 1 only in the paper).
+MA_FUSION_VARIANTS = {"conv2-4": (2, 3, 4), "conv2-5": (2, 3, 4, 5), "conv1-4": (1, 2, 3, 4)}
+
+# [assumption, SPEC] lr multipliers of the authors' HED-style Caffe nets (weight, bias).
+LR_MULT_CONV = (1, 2)
+LR_MULT_CONV5 = (100, 200)
+LR_MULT_SIDE = (0.01, 0.02)
+LR_MULT_FUSE = (1, 2)
+FUSE_INIT = 0.2  # constant initial weight of the 1x1 fuse conv (HED)
+
+
+# --- Losses (section 2.2) -----------------------------------------------------------------------
+LAMBDA0 = 0.14  # initial fraction of negatives kept by the Top-k balanced loss
+LAMBDA_PERIOD = 10_000  # S: lambda steps down every S stage-1 iterations
+
+
+# --- Training (Algorithm 1, section 3.2) --------------------------------------------------------
+@dataclass(frozen=True)
+class StageSchedule:
+    """One stage's solver settings."""
+
+    base_lr: float
+    max_iter: int
+    snapshot: int
+    display: int = 20
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Both stages, and the lambda period S used in stage 1."""
+
+    name: str
+    stage1: StageSchedule
+    stage2: StageSchedule
+    lambda_period: int
+    description: str
+
+
+MOMENTUM = 0.9
+WEIGHT_DECAY = 0.0005
+BATCH_SIZE = 1
+EPOCH_IMAGES = 324  # 54 IDRiD training images x 6 augmentations
+
+SCHEDULES = {
+    # The paper: 300 epochs of stage 1 at lr 1e-8, then 20 epochs of stage 2 at lr 1e-9.
+    "paper": Schedule(
+        "paper",
+        StageSchedule(1e-8, 97_200, 10_000),
+        StageSchedule(1e-9, 6_480, 3_240),
+        LAMBDA_PERIOD,
+        "the paper's schedule (Algorithm 1): 97,200 + 6,480 iterations at lr 1e-8 / 1e-9",
+    ),
+    # Not the paper's: a few minutes on a 2-core CPU, for `make demo` on small synthetic images.
+    # Trained from scratch (no ImageNet weights offline) the net needs a larger lr; see README.
+    "demo": Schedule(
+        "demo",
+        StageSchedule(1e-6, 240, 120, display=10),
+        StageSchedule(1e-7, 60, 60, display=10),
+        80,
+        "demo schedule: 240 + 60 iterations at lr 1e-6 / 1e-7 on small images (not the paper's)",
+    ),
+    # Seconds: for the tests.
+    "smoke": Schedule(
+        "smoke",
+        StageSchedule(1e-6, 6, 3, display=1),
+        StageSchedule(1e-7, 4, 2, display=1),
+        3,
+        "smoke-test schedule: 6 + 4 iterations",
+    ),
+}
+
+# --- Data (section 3.1) ------------------------------------------------------------------------
+IDRID_FULL_SIZE = (4288, 2848)  # (width, height) of the original photographs
+DOWNSAMPLE = 4  # images and masks are downsampled 4x to 1072x712
+TRAIN_IDS = tuple(range(1, 55))  # IDRiD_01 .. IDRiD_54
+TEST_IDS = tuple(range(55, 82))  # IDRiD_55 .. IDRiD_81
+# [assumption, SPEC] the 6x augmentation: identity, three rotations, two mirrors.
+AUGMENTATIONS = ("id", "rot90", "rot180", "rot270", "fliph", "flipv")
+# [assumption, SPEC] the authors' L-Seg mean for IDRiD (B, G, R); used only when a prepared set
+# carries no mean of its own.
+LSEG_MEAN_BGR = (16.3090, 56.4373, 116.5132)
+
+# --- Evaluation (section 3.3; the authors' released IDRiD protocol) ------------------------------
+PROTOCOL_THRESHOLDS = 31  # t = i/30, i = 0..30
+PAPER_RESULTS = {
+    # Table 2
+    "Red-Seg stage 1 only (Table 2)": {
+        "MA": {"precision": 0.4875, "recall": 0.4926, "auc_pr": 0.4669},
+        "HE": {"precision": 0.5987, "recall": 0.5955, "auc_pr": 0.5916},
+    },
+    "Red-Seg two-stage (Table 2)": {
+        "MA": {"precision": 0.5009, "recall": 0.4993, "auc_pr": 0.4839},
+        "HE": {"precision": 0.6269, "recall": 0.6251, "auc_pr": 0.5695},
+    },
+}
+# Tables 3/4: AUC_PR of other methods on IDRiD (None: not reported).
+PAPER_COMPARISON_AUC_PR = {
+    "HED": (0.4271, 0.5084),
+    "FCRN": (0.3383, 0.4200),
+    "DeepLabv3+": (0.1514, 0.4772),
+    "L-Seg": (0.4627, 0.6374),
+    "Clement et al.": (None, 0.5300),
+    "LWENet": (0.3443, 0.3769),
+    "IDRiD 1st VRT": (0.4951, 0.6804),
+    "IDRiD 2nd PATech": (0.4740, 0.6490),
+    "IDRiD 3rd iFLYTEK-MIG": (0.5017, 0.5588),
+    "IDRiD 4th SOONER": (0.4003, 0.5395),
+    "Red-Seg (paper)": (0.4839, 0.5695),
+}
