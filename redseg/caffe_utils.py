@@ -129,7 +129,9 @@ def check_net_param(param, source: str = "net") -> None:
                 )
         for b in layer.bottom:
             if b not in produced:
-                raise CaffeInputError(f"{source}: layer '{layer.name}' reads blob '{b}', which no earlier layer makes")
+                raise CaffeInputError(
+                    f"{source}: layer '{layer.name}' reads blob '{b}', which no earlier layer makes"
+                )
         produced.update(layer.top)
 
 

@@ -27,3 +27,50 @@ def caffe():
 def venv_python() -> str:
     """The interpreter the tools run under (the one running the tests)."""
     return sys.executable
+
+
+def write_prepared_set(root: Path, n: int = 4, size: tuple[int, int] = (64, 48), seed: int = 0) -> Path:
+    """A tiny prepared set in the layout of docs/data_format.md, made directly (no IDRiD needed).
+
+    Dark round "lesions" on a bright noisy background: MA small dots, HE larger blobs; the last
+    image has no HE. Returns the folder.
+    """
+    import json
+
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    for split in ("train", "test"):
+        (root / split / "images").mkdir(parents=True, exist_ok=True)
+        (root / split / "masks").mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i in range(n):
+            name = f"IDRiD_{i + 1:02d}" if split == "train" else f"IDRiD_{i + 55:02d}"
+            img = np.clip(rng.normal(150, 10, (h, w, 3)), 0, 255).astype(np.uint8)
+            ma = np.zeros((h, w), np.uint8)
+            he = np.zeros((h, w), np.uint8)
+            for _ in range(3):
+                cv2.circle(ma, (int(rng.integers(4, w - 4)), int(rng.integers(4, h - 4))), 1, 255, -1)
+            if i < n - 1:
+                cv2.circle(he, (int(rng.integers(8, w - 8)), int(rng.integers(8, h - 8))), 5, 255, -1)
+            img[ma > 0] = (30, 30, 90)
+            img[he > 0] = (20, 20, 70)
+            cv2.imwrite(str(root / split / "images" / f"{name}.png"), img)
+            cv2.imwrite(str(root / split / "masks" / f"{name}_MA.png"), ma)
+            cv2.imwrite(str(root / split / "masks" / f"{name}_HE.png"), he)
+            lines.append(
+                f"{split}/images/{name}.png\t{split}/masks/{name}_MA.png\t{split}/masks/{name}_HE.png"
+            )
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    (root / "meta.json").write_text(
+        json.dumps({"mean_bgr": [140.0, 140.0, 145.0], "factor": 1, "size": [w, h]})
+    )
+    (root / ".complete").write_text("")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_set(tmp_path_factory) -> Path:
+    return write_prepared_set(tmp_path_factory.mktemp("tiny_set"))

@@ -1,0 +1,95 @@
+"""The Red-Seg training data layer (Caffe ``Python`` layer).
+
+Reads a list file of (image, MA mask, HE mask) triples from a prepared set (docs/data_format.md)
+and outputs ``data`` (1x3xHxW, BGR minus the per-channel mean stored in the set's meta.json),
+``label_ma`` and ``label_he`` (1x1xHxW, 0/1). Batch size 1 (paper section 3.2); every image is
+taken at its own size (rot90/rot270 samples are portrait). Shuffled with a seed, reshuffled every
+epoch. Decoded samples are cached in memory (uint8) after their first use, and the next sample is
+loaded in a background thread while Caffe runs the net.
+
+param_str (JSON): ``list`` (path of the list file; required), ``shuffle`` (true), ``seed`` (1),
+``cache`` (true), ``mean`` (optional [B, G, R] overriding meta.json).
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import caffe
+import numpy as np
+
+from redseg.data import image_blob, load_sample, mean_bgr, read_list
+
+DEFAULTS = dict(list=None, shuffle=True, seed=1, cache=True, mean=None)
+
+
+class RedSegData(caffe.Layer):
+    def setup(self, bottom, top):
+        try:
+            p = json.loads(self.param_str)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"RedSegData: param_str must be JSON, got {self.param_str!r} ({e})") from e
+        unknown = set(p) - set(DEFAULTS)
+        if unknown or not p.get("list"):
+            raise ValueError(f"RedSegData: param_str needs 'list'; unknown keys {sorted(unknown)}")
+        p = {**DEFAULTS, **p}
+        if len(top) != 3:
+            raise ValueError("RedSegData: needs 3 tops (data, label_ma, label_he)")
+        self.samples = read_list(p["list"])
+        self.mean = (
+            np.asarray(p["mean"], dtype=np.float32)
+            if p["mean"] is not None
+            else mean_bgr(Path(p["list"]).parent)
+        )
+        self.shuffle = bool(p["shuffle"])
+        self.rng = np.random.default_rng(int(p["seed"]))
+        self.cache: dict[int, tuple] | None = {} if p["cache"] else None
+        self.order = self._new_order()
+        self.pos = 0  # index into self.order of the next sample
+        self.epoch = 0
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending = self.pool.submit(self._load, int(self.order[0]))
+        self.in_setup = True  # Caffe's SetUp calls reshape once: that call consumes no sample
+
+    def _new_order(self) -> np.ndarray:
+        idx = np.arange(len(self.samples))
+        return self.rng.permutation(idx) if self.shuffle else idx
+
+    def _load(self, i: int):
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
+        sample = load_sample(self.samples[i])
+        if self.cache is not None:
+            self.cache[i] = sample
+        return sample
+
+    def _advance(self) -> int:
+        """Index of the sample after the current one; reshuffles at the end of an epoch."""
+        self.pos += 1
+        if self.pos == len(self.order):
+            self.pos, self.epoch = 0, self.epoch + 1
+            self.order = self._new_order()
+        return int(self.order[self.pos])
+
+    def reshape(self, bottom, top):
+        if self.in_setup:
+            self.in_setup = False
+            self.current = self.pending.result()  # raises the DataError of a bad file, naming it
+        else:
+            self.current = self.pending.result()
+            self.pending = self.pool.submit(self._load, self._advance())
+        h, w = self.current[0].shape[:2]
+        top[0].reshape(1, 3, h, w)
+        top[1].reshape(1, 1, h, w)
+        top[2].reshape(1, 1, h, w)
+
+    def forward(self, bottom, top):
+        img, ma, he = self.current
+        image_blob(img, self.mean, out=top[0].data)
+        top[1].data[0, 0] = ma
+        top[2].data[0, 0] = he
+
+    def backward(self, top, propagate_down, bottom):
+        pass
