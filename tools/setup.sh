@@ -193,7 +193,7 @@ link_venv() {
   local site pth
   site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   pth="$site/redseg.pth"
-  printf '%s\n%s\n' "$CAFFE_PY" "$REPO" >"$pth.tmp" && mv "$pth.tmp" "$pth"
+  printf '%s\n%s\n%s\n' "$CAFFE_PY" "$REPO" "$REPO/python_layers" >"$pth.tmp" && mv "$pth.tmp" "$pth"
   GLOG_minloglevel=2 "$VENV/bin/python" -c '
 import caffe
 assert "Python" in caffe.layer_type_list(), "this Caffe was built without the Python layer"
