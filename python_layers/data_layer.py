@@ -73,6 +73,14 @@ class RedSegData(caffe.Layer):
             self.order = self._new_order()
         return int(self.order[self.pos])
 
+    def skip(self, n: int) -> None:
+        """Move past ``n`` samples without loading them: a resumed run sees the same sequence."""
+        self.pending.result()  # let the queued load finish before replacing it
+        for _ in range(n):
+            i = self._advance()
+        if n:
+            self.pending = self.pool.submit(self._load, i)
+
     def reshape(self, bottom, top):
         if self.in_setup:
             self.in_setup = False

@@ -93,12 +93,13 @@ SCHEDULES = {
         "demo schedule: 240 + 60 iterations at lr 1e-6 / 1e-7 on small images (not the paper's)",
     ),
     # Seconds: for the tests.
+    # S does not divide M, as in the paper (9.72 periods), so lambda never reaches 0.
     "smoke": Schedule(
         "smoke",
-        StageSchedule(1e-6, 6, 3, display=1),
+        StageSchedule(1e-6, 10, 5, display=1),
         StageSchedule(1e-7, 4, 2, display=1),
-        3,
-        "smoke-test schedule: 6 + 4 iterations",
+        4,
+        "smoke-test schedule: 10 + 4 iterations (lambda steps at 4 and 8)",
     ),
 }
 

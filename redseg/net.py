@@ -190,6 +190,7 @@ def solver_text(
         f"snapshot: {st.snapshot}",
         f'snapshot_prefix: "{snapshot_prefix}"',
         f"solver_mode: {'GPU' if gpu else 'CPU'}",
+        "random_seed: 1  # reproducible fillers (side and fuse convs; all layers when from scratch)",
     ]
     return "\n".join(lines) + "\n"
 

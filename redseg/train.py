@@ -1,0 +1,337 @@
+"""The solver driver: one stage of Red-Seg's two-stage training (paper Algorithm 1, section 3.2).
+
+Stage 1 starts from ImageNet VGG16 weights and minimises the Top-k balanced cross-entropy with the
+lambda staircase; stage 2 starts from the final stage-1 weights and minimises FN + FP. Each stage
+has its own solver file (prototxt/solver_stage{1,2}.prototxt). For a run this module writes
+per-run copies of the solver and train net into the run folder (absolute paths, since Caffe
+resolves paths against the working directory; the data list and the schedule filled in), then
+steps the solver one iteration at a time so it can show progress, log every loss to CSV, stop on a
+NaN, and snapshot on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from redseg import config as C
+from redseg.caffe_utils import REPO, CaffeInputError, check_net_param, check_weights, import_caffe, set_mode
+from redseg.data import read_list, read_meta
+
+log = logging.getLogger(__name__)
+
+VGG16_LAYERS = tuple(f"{stage}_{i}" for stage, _, n in C.VGG16_CONVS for i in range(1, n + 1))
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class StageRun:
+    stage: int
+    data: Path  # a prepared set (holds train.txt and meta.json)
+    run_dir: Path
+    schedule: C.Schedule
+    solver: Path | None = None  # template; default prototxt/solver_stage{stage}.prototxt
+    weights: Path | None = None  # VGG16 (stage 1) or stage-1 weights (stage 2)
+    resume: str | None = "auto"  # a .solverstate, "auto" (latest in run_dir, if any) or None
+    gpu: int | None = None
+    from_scratch: bool = False
+    force: bool = False
+    progress: bool = True
+
+    @property
+    def prefix(self) -> Path:
+        return self.run_dir / f"stage{self.stage}"
+
+    @property
+    def final(self) -> Path:
+        return self.run_dir / f"stage{self.stage}_final.caffemodel"
+
+    @property
+    def stage_schedule(self) -> C.StageSchedule:
+        return self.schedule.stage1 if self.stage == 1 else self.schedule.stage2
+
+
+def _resolve(p: str) -> Path:
+    """A path from a solver file: absolute, else against the working directory, else the repo."""
+    path = Path(p)
+    if path.is_absolute() or path.exists():
+        return path.resolve()
+    return (REPO / path).resolve()
+
+
+def materialise(run: StageRun) -> Path:
+    """Write the run's solver and train net; returns the solver path."""
+    import_caffe()
+    from caffe.proto import caffe_pb2
+    from google.protobuf import text_format
+
+    template = run.solver or REPO / "prototxt" / f"solver_stage{run.stage}.prototxt"
+    if not Path(template).is_file():
+        raise CaffeInputError(f"solver file not found: {template}")
+    sp = caffe_pb2.SolverParameter()
+    text_format.Merge(Path(template).read_text(), sp)
+    net_path = _resolve(sp.net)
+    if not net_path.is_file():
+        raise CaffeInputError(f"{template}: its net {sp.net} is not found")
+    npar = caffe_pb2.NetParameter()
+    text_format.Merge(net_path.read_text(), npar)
+    train_list = (run.data / "train.txt").resolve()
+    s1 = run.schedule.stage1
+    n_data = 0
+    for layer in npar.layer:
+        if layer.type != "Python":
+            continue
+        pp = layer.python_param
+        params = json.loads(pp.param_str) if pp.param_str else {}
+        if pp.layer == "RedSegData":
+            params["list"] = str(train_list)
+            n_data += 1
+        elif pp.layer == "TopKBalancedCELoss":
+            # The staircase is defined over stage 1's iterations (section 2.2).
+            params.update(period=run.schedule.lambda_period, max_iter=s1.max_iter)
+        pp.param_str = json.dumps(params, sort_keys=True)
+    if n_data != 1:
+        raise CaffeInputError(f"{net_path}: expected one RedSegData layer, found {n_data}")
+    check_net_param(npar, str(net_path))
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    run_net = run.run_dir / f"stage{run.stage}_train.prototxt"
+    _atomic_write(run_net, text_format.MessageToString(npar))
+    st = run.stage_schedule
+    sp.net = str(run_net.resolve())
+    sp.base_lr, sp.max_iter, sp.snapshot = st.base_lr, st.max_iter, st.snapshot
+    sp.snapshot_prefix = str(run.prefix.resolve())
+    sp.display = 0  # the driver reports progress itself
+    sp.solver_mode = caffe_pb2.SolverParameter.GPU if run.gpu is not None else caffe_pb2.SolverParameter.CPU
+    run_solver = run.run_dir / f"stage{run.stage}_solver.prototxt"
+    _atomic_write(run_solver, text_format.MessageToString(sp))
+    return run_solver
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def latest_solverstate(run: StageRun) -> Path | None:
+    states = []
+    for p in run.run_dir.glob(f"stage{run.stage}_iter_*.solverstate"):
+        m = re.search(r"_iter_(\d+)\.solverstate$", p.name)
+        if m and p.with_suffix(".caffemodel").is_file():
+            states.append((int(m.group(1)), p))
+    return max(states)[1] if states else None
+
+
+def check_solverstate(path: Path) -> None:
+    """Caffe's restore CHECK-fails on a missing or foreign file: check it first."""
+    import_caffe()
+    from caffe.proto import caffe_pb2
+    from google.protobuf.message import DecodeError
+
+    if not path.is_file():
+        raise CaffeInputError(f"solver state not found: {path}")
+    state = caffe_pb2.SolverState()
+    try:
+        state.ParseFromString(path.read_bytes())
+    except DecodeError as e:
+        raise CaffeInputError(f"{path}: not a Caffe .solverstate ({e})") from e
+    if not state.learned_net:
+        raise CaffeInputError(f"{path}: not a Caffe .solverstate (no learned_net)")
+    learned = Path(state.learned_net)
+    if not learned.is_absolute():
+        learned = Path.cwd() / learned
+    if not learned.is_file():
+        raise CaffeInputError(f"{path}: the weights it refers to are missing: {state.learned_net}")
+
+
+def _topk_layers(net):
+    return [lay for lay in net.layers if type(lay).__name__ == "TopKBalancedCELoss"]
+
+
+def _data_layer(net):
+    return next(lay for lay in net.layers if type(lay).__name__ == "RedSegData")
+
+
+def _init_weights(run: StageRun, net) -> None:
+    if run.stage == 1:
+        if run.weights is None or not run.weights.is_file():
+            if not run.from_scratch:
+                raise CaffeInputError(
+                    f"no ImageNet VGG16 weights at {run.weights}. Run `make vgg16` (or download "
+                    "VGG_ILSVRC_16_layers.caffemodel from the Caffe model zoo) and pass --weights, "
+                    "or pass --from-scratch to train without them (not the paper's setting)."
+                )
+            log.warning("*" * 78)
+            log.warning("TRAINING FROM SCRATCH: no ImageNet VGG16 weights (the paper starts from them).")
+            log.warning("Results will not match the paper's; fine for demos and tests only.")
+            log.warning("*" * 78)
+            return
+        copied = check_weights(run.weights, net, strict=False, required=VGG16_LAYERS)
+        log.info("stage 1: %d layers initialised from %s", len(copied), run.weights)
+    else:
+        if run.weights is None or not run.weights.is_file():
+            raise CaffeInputError(
+                f"stage 2 starts from the final stage-1 weights, not found at {run.weights}; run stage 1 first"
+            )
+        check_weights(run.weights, net, strict=True)
+        log.info("stage 2: initialised from %s", run.weights)
+    net.copy_from(str(run.weights))
+
+
+class LossLog:
+    """CSV of every iteration's losses; rows past a resume point are dropped (never trusted)."""
+
+    def __init__(self, path: Path, columns: list[str], resume_iter: int):
+        self.path = path
+        self.columns = ["iter", "lambda", "loss_ma", "loss_he", "seconds", *columns]
+        rows = []
+        if resume_iter > 0 and path.is_file():
+            with path.open(newline="") as f:
+                rows = [
+                    r
+                    for r in csv.DictReader(f)
+                    if r.get("iter", "").isdigit() and int(r["iter"]) <= resume_iter
+                ]
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, self.columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        tmp.replace(path)
+        self.f = path.open("a", newline="")
+        self.w = csv.DictWriter(self.f, self.columns, extrasaction="ignore")
+
+    def write(self, row: dict) -> None:
+        self.w.writerow(row)
+        self.f.flush()  # one short line per iteration: the log is complete whenever training stops
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def train_stage(run: StageRun) -> Path:
+    """Run one stage to its max_iter; returns the final weights' path."""
+    if run.final.is_file() and not run.force:
+        log.info("stage %d already finished: %s (pass --force to train it again)", run.stage, run.final)
+        return run.final
+    samples = read_list(run.data / "train.txt")  # names the first missing file, before Caffe starts
+    read_meta(run.data)
+    caffe = set_mode(run.gpu)
+    resume = None
+    if run.resume == "auto":
+        resume = None if run.force else latest_solverstate(run)
+    elif run.resume:
+        resume = Path(run.resume)
+    if resume is not None:
+        check_solverstate(resume)
+    solver_path = materialise(run)
+    solver = caffe.get_solver(str(solver_path))
+    net = solver.net
+    if resume is not None:
+        solver.restore(str(resume))
+        log.info("resumed stage %d from %s at iteration %d", run.stage, resume, solver.iter)
+    else:
+        _init_weights(run, net)
+    for layer in _topk_layers(net):
+        layer.iteration = solver.iter  # continue the lambda staircase after a resume
+    if solver.iter:
+        _data_layer(net).skip(solver.iter)  # and the same sample sequence
+    max_iter = run.stage_schedule.max_iter
+    names = [b for b in net.outputs if b.startswith("loss_")]
+    loss_log = LossLog(run.run_dir / f"stage{run.stage}_log.csv", names, solver.iter)
+    log.info(
+        "stage %d: %d training samples, iterations %d..%d, lr %g, %s",
+        run.stage, len(samples), solver.iter + 1, max_iter, run.stage_schedule.base_lr, run.schedule.description,
+    )  # fmt: skip
+    bar = _progress(run, solver.iter, max_iter)
+    topk = _topk_layers(net)
+    stop = _StopAtIterationEnd()
+    try:
+        while solver.iter < max_iter:
+            if stop.requested:
+                raise KeyboardInterrupt
+            t0 = time.perf_counter()
+            solver.step(1)
+            dt = time.perf_counter() - t0
+            vals = {n: net.blobs[n].data.item() for n in names}
+            bad = [n for n, v in vals.items() if not math.isfinite(v)]
+            if bad:
+                last = latest_solverstate(run)
+                raise TrainingError(
+                    f"stage {run.stage}: loss {bad[0]} is {vals[bad[0]]} at iteration {solver.iter}; "
+                    f"training stopped. Last good snapshot: {last or 'none'}. Check the data and the lr."
+                )
+            ma = sum(v for n, v in vals.items() if n.startswith("loss_ma"))
+            he = sum(v for n, v in vals.items() if n.startswith("loss_he"))
+            lam = topk[0].last.get("lambda_", float("nan")) if topk else float("nan")
+            loss_log.write(
+                {"iter": solver.iter, "lambda": lam, "loss_ma": ma, "loss_he": he, "seconds": dt, **vals}
+            )
+            if bar is not None:
+                post = {"MA": f"{ma:.4g}", "HE": f"{he:.4g}"}
+                if topk:
+                    post["lambda"] = f"{lam:.4f}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+        if stop.requested:
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        loss_log.close()
+        if stop.requested:  # a clean iteration boundary: weights, solver state and log agree
+            solver.snapshot()
+            state = run.run_dir / f"stage{run.stage}_iter_{solver.iter}.solverstate"
+            log.warning("interrupted: snapshot %s written; run the same command again to resume", state)
+        raise
+    finally:
+        stop.restore()
+        if bar is not None:
+            bar.close()
+        loss_log.close()
+    if not (run.run_dir / f"stage{run.stage}_iter_{max_iter}.caffemodel").is_file():
+        solver.snapshot()
+    tmp = run.final.with_name(run.final.name + ".tmp")
+    shutil.copyfile(run.run_dir / f"stage{run.stage}_iter_{max_iter}.caffemodel", tmp)
+    os.replace(tmp, run.final)
+    log.info("stage %d finished: %s", run.stage, run.final)
+    return run.final
+
+
+class _StopAtIterationEnd:
+    """First Ctrl-C: finish the current iteration, snapshot, stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: stopping after this iteration with a snapshot (Ctrl-C again: stop without one)")
+
+    def restore(self):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+
+
+def _progress(run: StageRun, start: int, total: int):
+    if not run.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc=f"stage {run.stage}", unit="it", dynamic_ncols=True)

@@ -1,0 +1,203 @@
+"""tools/train.py end to end on tiny generated images: two stages, snapshots, resume, bad weights."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_prepared_set
+
+from redseg import config as C
+from redseg.schedule import topk_lambda
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = C.SCHEDULES["smoke"]
+
+
+def train(*args, check=True, **kw):
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "train.py"),
+        "--schedule",
+        "smoke",
+        "--no-progress",
+        *map(str, args),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_log(path: Path) -> list[dict]:
+    with path.open() as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def one_image(tmp_path_factory) -> Path:
+    """One training image: every iteration sees it, so the loss curve is comparable."""
+    return write_prepared_set(tmp_path_factory.mktemp("one"), n=1, size=(64, 48), seed=3)
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(tmp_path_factory, one_image):
+    run = tmp_path_factory.mktemp("run")
+    train("--stage", 1, "--data", one_image, "--run", run, "--from-scratch")
+    train("--stage", 2, "--data", one_image, "--run", run)
+    return run
+
+
+def test_two_stages_write_snapshots_logs_and_final_weights(two_stage_run):
+    run = two_stage_run
+    for stage, st in ((1, SMOKE.stage1), (2, SMOKE.stage2)):
+        assert (run / f"stage{stage}_final.caffemodel").stat().st_size > 1_000_000
+        for it in range(st.snapshot, st.max_iter + 1, st.snapshot):
+            assert (run / f"stage{stage}_iter_{it}.caffemodel").is_file()
+            assert (run / f"stage{stage}_iter_{it}.solverstate").is_file()
+        rows = read_log(run / f"stage{stage}_log.csv")
+        assert [int(r["iter"]) for r in rows] == list(range(1, st.max_iter + 1))
+    rows1 = read_log(run / "stage1_log.csv")
+    expected = [topk_lambda(r, C.LAMBDA0, SMOKE.lambda_period, SMOKE.stage1.max_iter) for r in range(1, 11)]
+    assert [r["lambda"] for r in rows1] == pytest.approx(expected)
+    # Same image, same lambda within a period: the stage-1 loss falls as the net learns.
+    assert rows1[2]["loss_ma"] + rows1[2]["loss_he"] < rows1[0]["loss_ma"] + rows1[0]["loss_he"]
+    rows2 = read_log(run / "stage2_log.csv")
+    total2 = [r["loss_ma"] + r["loss_he"] for r in rows2]
+    assert total2[-1] < total2[0]
+    assert all(np.isfinite(list(r.values())).all() for r in rows1)
+    assert all(np.isnan(r.pop("lambda")) and np.isfinite(list(r.values())).all() for r in rows2)  # no lambda
+
+
+def test_stage2_starts_from_stage1_weights(caffe, two_stage_run):
+    """Stage 2's first iteration is computed with stage 1's final weights: equal at a frozen layer."""
+    from redseg.caffe_utils import read_caffemodel
+
+    a = read_caffemodel(two_stage_run / "stage1_final.caffemodel")
+    b = read_caffemodel(two_stage_run / "stage2_final.caffemodel")
+    assert a == b  # same layers and shapes
+    n1 = caffe.Net(
+        str(REPO / "prototxt" / "deploy.prototxt"), str(two_stage_run / "stage1_final.caffemodel"), caffe.TEST
+    )
+    n2 = caffe.Net(
+        str(REPO / "prototxt" / "deploy.prototxt"), str(two_stage_run / "stage2_final.caffemodel"), caffe.TEST
+    )
+    # The bilinear upsampling is fixed (lr_mult 0): identical in both stages.
+    np.testing.assert_array_equal(n1.params["up_he_conv5"][0].data, n2.params["up_he_conv5"][0].data)
+    # Stage 2 at lr 1e-7 for 4 iterations moves the weights only a little from stage 1's.
+    w1, w2 = n1.params["conv3_1"][0].data, n2.params["conv3_1"][0].data
+    assert 0 < np.abs(w1 - w2).max() < 0.1 * np.abs(w1).max()
+
+
+def test_finished_stage_is_not_retrained(two_stage_run, one_image):
+    before = (two_stage_run / "stage1_final.caffemodel").stat().st_mtime_ns
+    proc = train("--stage", 1, "--data", one_image, "--run", two_stage_run, "--from-scratch")
+    assert "already finished" in proc.stderr
+    assert (two_stage_run / "stage1_final.caffemodel").stat().st_mtime_ns == before
+
+
+def test_ctrl_c_snapshots_and_resume_continues_schedule_and_data(tmp_path, tiny_set):
+    """Interrupt stage 1, resume it: lambda and the sample sequence continue, losses equal a clean run."""
+    clean = tmp_path / "clean"
+    train("--stage", 1, "--data", tiny_set, "--run", clean, "--from-scratch")
+    ref = read_log(clean / "stage1_log.csv")
+
+    run = tmp_path / "interrupted"
+    cmd = [sys.executable, str(REPO / "tools/train.py"), "--schedule", "smoke", "--no-progress",
+           "--stage", "1", "--data", str(tiny_set), "--run", str(run), "--from-scratch"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = run / "stage1_log.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if log.is_file() and len(log.read_text().splitlines()) >= 1 + 6:  # header + 6 iterations
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "interrupted: snapshot" in err
+    states = sorted(run.glob("stage1_iter_*.solverstate"))
+    stopped = max(int(p.stem.split("_")[-1]) for p in states)
+    assert 6 <= stopped < SMOKE.stage1.max_iter
+    assert not (run / "stage1_final.caffemodel").exists()
+
+    proc = train("--stage", 1, "--data", tiny_set, "--run", run, "--from-scratch")
+    assert f"at iteration {stopped}" in proc.stderr
+    rows = read_log(log)
+    assert [int(r["iter"]) for r in rows] == list(range(1, SMOKE.stage1.max_iter + 1))
+    for got, want in zip(rows, ref, strict=True):
+        assert got["lambda"] == pytest.approx(want["lambda"])
+        for k in ("loss_ma", "loss_he"):
+            assert got[k] == pytest.approx(want[k], rel=1e-3, abs=1e-3), (got["iter"], k)
+
+
+def test_bad_init_weights_are_reported_not_aborted(caffe, tmp_path, tiny_set):
+    """A caffemodel whose conv1_1 has the wrong shape, or without VGG16 layers: a clear error, exit 1."""
+    from caffe import layers as L
+
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 1, 8, 8]))  # 1 input channel: conv1_1 weights are 64x1x3x3
+    n.conv1_1 = L.Convolution(n.data, num_output=64, kernel_size=3, pad=1)
+    p = tmp_path / "wrong.prototxt"
+    p.write_text(str(n.to_proto()))
+    wrong = tmp_path / "wrong.caffemodel"
+    caffe.Net(str(p), caffe.TEST).save(str(wrong))
+    proc = train("--stage", 1, "--data", tiny_set, "--run", tmp_path / "r1", "--weights", wrong, check=False)
+    assert proc.returncode == 1
+    assert "conv1_1" in proc.stderr and "does not belong to this net" in proc.stderr
+
+    junk = tmp_path / "junk.caffemodel"
+    junk.write_bytes(b"\x00not a model" * 10)
+    proc = train("--stage", 1, "--data", tiny_set, "--run", tmp_path / "r2", "--weights", junk, check=False)
+    assert proc.returncode == 1 and "junk.caffemodel" in proc.stderr
+
+    proc = train(
+        "--stage",
+        1,
+        "--data",
+        tiny_set,
+        "--run",
+        tmp_path / "r3",
+        "--weights",
+        tmp_path / "none",
+        check=False,
+    )
+    assert proc.returncode == 1 and "make vgg16" in proc.stderr
+
+    proc = train("--stage", 2, "--data", tiny_set, "--run", tmp_path / "r4", check=False)
+    assert proc.returncode == 1 and "run stage 1 first" in proc.stderr
+
+
+def test_vgg16_init_copies_encoder(caffe, tmp_path, tiny_set):
+    """A VGG16-shaped model (13 convs by name, plus an fc layer Caffe ignores) initialises stage 1."""
+    from caffe import layers as L
+
+    from redseg.net import conv_relu, max_pool
+
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, 32, 32]))
+    bottom = n.data
+    for s, (stage, nout, nconv) in enumerate(C.VGG16_CONVS, start=1):
+        if s > 1:
+            n[f"pool{s}"] = max_pool(bottom)
+            bottom = n[f"pool{s}"]
+        for i in range(1, nconv + 1):
+            n[f"{stage}_{i}"], n[f"relu{s}_{i}"] = conv_relu(bottom, nout, (1, 2))
+            bottom = n[f"{stage}_{i}"]
+    n.fc6 = L.InnerProduct(bottom, num_output=4)
+    p = tmp_path / "vgg.prototxt"
+    p.write_text(str(n.to_proto()))
+    vgg = caffe.Net(str(p), caffe.TEST)
+    vgg.params["conv1_1"][0].data[...] = 0.125
+    model = tmp_path / "vgg.caffemodel"
+    vgg.save(str(model))
+    run = tmp_path / "run"
+    proc = train("--stage", 1, "--data", tiny_set, "--run", run, "--weights", model)
+    assert "13 layers initialised" in proc.stderr
+    assert "FROM SCRATCH" not in proc.stderr

@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Train one stage of Red-Seg (paper Algorithm 1): `make stage1 stage2` calls this.
+
+  python tools/train.py --stage 1 --data data/idrid --run runs/idrid --weights VGG16.caffemodel [--gpu 0]
+  python tools/train.py --stage 2 --data data/idrid --run runs/idrid            # from stage1_final
+
+Re-running a stage resumes from its latest snapshot (Ctrl-C writes one); a finished stage is not
+trained again unless --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from redseg import config as C  # noqa: E402
+from redseg.caffe_utils import CaffeInputError  # noqa: E402
+from redseg.data import DataError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    ap.add_argument("--data", type=Path, default=Path("data/idrid"), help="prepared set (default data/idrid)")
+    ap.add_argument("--run", type=Path, default=Path("runs/idrid"), help="run folder for snapshots and logs")
+    ap.add_argument("--schedule", choices=sorted(C.SCHEDULES), default="paper", help="default: paper")
+    ap.add_argument("--solver", type=Path, help="solver template (default prototxt/solver_stage<N>.prototxt)")
+    ap.add_argument(
+        "--weights",
+        type=Path,
+        help="init weights: ImageNet VGG16 (stage 1); default <run>/stage1_final (stage 2)",
+    )
+    ap.add_argument(
+        "--from-scratch", action="store_true", help="stage 1 without VGG16 weights (not the paper's)"
+    )
+    ap.add_argument(
+        "--resume", default="auto", help="a .solverstate, 'auto' (default: latest in --run) or 'no'"
+    )
+    ap.add_argument("--gpu", type=int, help="GPU id (default: CPU)")
+    ap.add_argument("--force", action="store_true", help="train again even if the stage has finished")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+
+    from redseg.train import StageRun, TrainingError, train_stage
+
+    weights = args.weights
+    if weights is None and args.stage == 2:
+        weights = args.run / "stage1_final.caffemodel"
+    run = StageRun(
+        stage=args.stage,
+        data=args.data,
+        run_dir=args.run,
+        schedule=C.SCHEDULES[args.schedule],
+        solver=args.solver,
+        weights=weights,
+        resume=None if args.resume == "no" else args.resume,
+        gpu=args.gpu,
+        from_scratch=args.from_scratch,
+        force=args.force,
+        progress=not args.no_progress,
+    )
+    try:
+        final = train_stage(run)
+    except (CaffeInputError, DataError, TrainingError, RuntimeError) as e:
+        logging.error("%s", e)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print(final)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
