@@ -9,7 +9,9 @@ SCHEDULE ?= paper
 GPU      ?=
 VGG16    ?= models/vgg16/VGG_ILSVRC_16_layers.caffemodel
 WEIGHTS  ?= $(RUN)/stage2_final.caffemodel
+FROM_SCRATCH ?=
 GPU_FLAG := $(if $(GPU),--gpu $(GPU),)
+TRAIN    := $(PY) tools/train.py --data $(DATA) --run $(RUN) --schedule $(SCHEDULE) $(GPU_FLAG)
 
 .PHONY: help setup test lint prototxt data stage1 stage2 evaluate demo vgg16 benchmark clean
 
@@ -35,6 +37,22 @@ lint: setup
 
 prototxt: setup
 	$(PY) tools/make_prototxt.py --out prototxt
+
+data: setup
+	@test -n "$(IDRID)" || { echo "usage: make data IDRID=/path/to/IDRiD (the folder holding 'A. Segmentation', or its zip)"; exit 2; }
+	$(PY) tools/prepare_idrid.py --src "$(IDRID)" --out $(DATA)
+
+vgg16: setup
+	$(PY) tools/fetch_vgg16.py --out $(VGG16)
+
+stage1: setup
+	$(TRAIN) --stage 1 --weights $(VGG16) $(if $(FROM_SCRATCH),--from-scratch,)
+
+stage2: setup
+	$(TRAIN) --stage 2 --weights $(RUN)/stage1_final.caffemodel
+
+evaluate: setup
+	$(PY) tools/test_net.py --weights $(WEIGHTS) --data $(DATA) --out $(RUN)/eval $(GPU_FLAG)
 
 clean:
 	rm -rf runs/demo .pytest_cache

@@ -178,6 +178,14 @@ def read_caffemodel(path: str | os.PathLike) -> dict[str, list[tuple[int, ...]]]
     return shapes
 
 
+def _canon(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shapes as Caffe's ShapeEquals sees them: legacy 4-D blobs (e.g. a bias 1x1x1x64) == (64,)."""
+    i = 0
+    while i < len(shape) - 1 and shape[i] == 1:
+        i += 1
+    return tuple(shape[i:])
+
+
 def _net_param_shapes(net) -> dict[str, list[tuple[int, ...]]]:
     return {name: [tuple(b.data.shape) for b in blobs] for name, blobs in net.params.items()}
 
@@ -194,7 +202,7 @@ def check_weights(weights, net, strict: bool, required: tuple[str, ...] = ()) ->
     want = _net_param_shapes(net)
     common = [n for n in want if n in have]
     for name in common:
-        if have[name] != want[name]:
+        if [_canon(s) for s in have[name]] != [_canon(s) for s in want[name]]:
             raise CaffeInputError(
                 f"{weights}: layer '{name}' has blob shapes {have[name]}, the net expects {want[name]}; "
                 "this weights file does not belong to this net"

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Score MA/HE prediction maps against IDRiD ground truth (the authors' protocol, paper section 3.3).
+
+    python tools/evaluate.py --pred runs/x/pred --gt data/IDRiD [--out DIR] [--at-pred-size]
+
+--pred holds <image>_ma.png and <image>_he.png (8-bit, probability x 255); --gt is the official
+IDRiD folder (the one holding "A. Segmentation") or a prepared set (tools/prepare_idrid.py).
+Writes metrics.json, report.md, pr_curves.png and overlays/ (see docs/evaluation.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from redseg.evaluation import INTERPOLATIONS, EvaluationError, evaluate, summary_table  # noqa: E402
+
+
+def default_out(pred: Path) -> Path:
+    """``<parent>/eval`` beside a folder named ``pred``, else ``<parent>/<name>_eval``.
+
+    A sibling, not a subfolder, so the prediction folder keeps only predictions; named after the
+    prediction folder when that is not plain ``pred`` so two runs' folders side by side do not
+    overwrite each other's report.
+    """
+    pred = pred.resolve()
+    return pred.parent / ("eval" if pred.name == "pred" else f"{pred.name}_eval")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pred", required=True, type=Path, help="folder of <image>_ma.png / <image>_he.png")
+    ap.add_argument("--gt", required=True, type=Path, help="official IDRiD root or a prepared set")
+    ap.add_argument("--out", type=Path, help="output folder (default: see default_out: <pred>/../eval)")
+    ap.add_argument(
+        "--at-pred-size",
+        action="store_true",
+        help="downsize the labels to the prediction size ('any' rule) instead of resizing the "
+        "predictions to the label size (the authors' protocol)",
+    )
+    ap.add_argument("--overlays", type=int, default=3, help="number of overlay images (default 3)")
+    ap.add_argument(
+        "--interp",
+        choices=sorted(INTERPOLATIONS),
+        default="linear",
+        help="how predictions are resized to the label size (default linear)",
+    )
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    if args.overlays < 0:
+        ap.error("--overlays must be >= 0")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    out = args.out if args.out is not None else default_out(args.pred)
+    try:
+        result = evaluate(
+            args.pred,
+            args.gt,
+            out,
+            at_pred_size=args.at_pred_size,
+            overlays=args.overlays,
+            interpolation=args.interp,
+            progress=not args.no_progress,
+        )
+    except EvaluationError as e:
+        sys.exit(f"evaluate.py: error: {e}")
+    print(summary_table(result))
+    print(f"\nreport: {Path(out) / 'report.md'}\nmetrics: {Path(out) / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
