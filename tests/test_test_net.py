@@ -1,0 +1,90 @@
+"""tools/test_net.py: maps from the deploy net, their files, scoring, and bad weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_test_net(*args):
+    cmd = [sys.executable, str(REPO / "tools/test_net.py"), "--no-progress", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def weights(caffe, tmp_path_factory) -> Path:
+    """A Red-Seg model as Caffe saves it (deploy net, seeded random fillers): every layer present."""
+    from redseg.caffe_utils import load_net
+
+    net = load_net(REPO / "prototxt" / "deploy.prototxt")
+    rng = np.random.default_rng(0)
+    for name, blobs in net.params.items():
+        if not name.startswith("up_"):
+            for b in blobs:
+                b.data[...] = rng.normal(0, 0.05, b.data.shape)
+    path = tmp_path_factory.mktemp("w") / "model.caffemodel"
+    net.save(str(path))
+    return path
+
+
+def test_maps_equal_a_direct_forward_and_are_scored(caffe, tmp_path, tiny_set, weights):
+    proc = run_test_net("--weights", weights, "--data", tiny_set, "--out", tmp_path / "t", "--overlays", 1)
+    assert proc.returncode == 0, proc.stderr
+    pred = tmp_path / "t" / "pred"
+    names = [line.split("\t")[0] for line in (tiny_set / "test.txt").read_text().split("\n") if line]
+    assert len(list(pred.glob("*.png"))) == 2 * len(names)
+    net = caffe.Net(str(REPO / "prototxt" / "deploy.prototxt"), str(weights), caffe.TEST)
+    meta = json.loads((tiny_set / "meta.json").read_text())
+    img = cv2.imread(str(tiny_set / names[0]))
+    net.blobs["data"].reshape(1, 3, *img.shape[:2])
+    net.blobs["data"].data[0] = img.transpose(2, 0, 1) - np.array(meta["mean_bgr"]).reshape(3, 1, 1)
+    out = net.forward()
+    stem = Path(names[0]).stem
+    for les in ("ma", "he"):
+        saved = cv2.imread(str(pred / f"{stem}_{les}.png"), cv2.IMREAD_UNCHANGED)
+        assert saved.dtype == np.uint8 and saved.shape == img.shape[:2]
+        assert np.abs(saved.astype(int) - np.rint(out[f"prob_{les}"][0, 0] * 255)).max() <= 1
+    metrics = json.loads((tmp_path / "t" / "eval" / "metrics.json").read_text())
+    assert 0 <= metrics["MA"]["ap"] <= 1 and 0 <= metrics["HE"]["auc_pr"] <= 1
+    assert (tmp_path / "t" / "eval" / "report.md").is_file()
+
+
+def test_full_size_maps(tmp_path, tiny_set, weights):
+    data = tmp_path / "set"
+    import shutil
+
+    shutil.copytree(tiny_set, data)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["factor"] = 2
+    (data / "meta.json").write_text(json.dumps(meta))
+    proc = run_test_net("--weights", weights, "--data", data, "--out", tmp_path / "t", "--full-size", "--no-eval")
+    assert proc.returncode == 0, proc.stderr
+    w, h = meta["size"]
+    m = cv2.imread(str(next((tmp_path / "t" / "pred").glob("*_he.png"))), cv2.IMREAD_UNCHANGED)
+    assert m.shape == (2 * h, 2 * w)
+
+
+def test_weights_that_do_not_fit_are_a_clear_error(caffe, tmp_path, tiny_set):
+    from caffe import layers as L
+
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, 8, 8]))
+    n.fuse_ma = L.Convolution(n.data, num_output=1, kernel_size=3)  # the real fuse_ma is 1x1 over 3 maps
+    p = tmp_path / "other.prototxt"
+    p.write_text(str(n.to_proto()))
+    other = tmp_path / "other.caffemodel"
+    caffe.Net(str(p), caffe.TEST).save(str(other))
+    proc = run_test_net("--weights", other, "--data", tiny_set, "--out", tmp_path / "t")
+    assert proc.returncode == 1 and "fuse_ma" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_test_net("--weights", tmp_path / "missing.caffemodel", "--data", tiny_set)
+    assert proc.returncode == 1 and "not found" in proc.stderr
+    proc = run_test_net("--weights", other, "--data", tmp_path / "no_set")
+    assert proc.returncode == 1 and "make data" in proc.stderr

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Test a trained Red-Seg on a prepared set's test images, then score it (paper section 3.3).
+
+  python tools/test_net.py --weights runs/idrid/stage2_final.caffemodel [--data data/idrid] [--gpu 0]
+
+Writes <out>/pred/<image>_ma.png and <image>_he.png (8-bit, probability x 255), then runs the
+evaluation (tools/evaluate.py's library) into <out>/eval: metrics.json, report.md, pr_curves.png,
+overlays. With --gt pointing at the official IDRiD folder the full-size labels are used (the
+authors' protocol resizes the maps to the label size); --full-size also saves the maps upsampled
+to the original resolution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from redseg.caffe_utils import CaffeInputError  # noqa: E402
+from redseg.data import DataError, mean_bgr, read_image, read_list, read_meta  # noqa: E402
+from redseg.evaluation import EvaluationError, evaluate, summary_table  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", type=Path, required=True, help="trained Red-Seg .caffemodel")
+    ap.add_argument("--data", type=Path, default=Path("data/idrid"), help="prepared set (default data/idrid)")
+    ap.add_argument("--out", type=Path, help="output folder (default: <weights folder>/test_<weights name>)")
+    ap.add_argument("--gt", type=Path, help="ground truth for scoring (default: the prepared set's test masks)")
+    ap.add_argument("--deploy", type=Path, help="deploy prototxt (default prototxt/deploy.prototxt)")
+    ap.add_argument("--full-size", action="store_true", help="save maps upsampled by the set's factor")
+    ap.add_argument("--gpu", type=int, help="GPU id (default: CPU)")
+    ap.add_argument("--overlays", type=int, default=3, help="overlay pictures to draw (default 3)")
+    ap.add_argument("--no-eval", action="store_true", help="only write the maps")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    out = args.out or args.weights.parent / f"test_{args.weights.stem}"
+    try:
+        return run(args, out)
+    except (CaffeInputError, DataError, EvaluationError, RuntimeError, OSError) as e:
+        logging.error("%s", e)
+        return 1
+
+
+def run(args, out: Path) -> int:
+    import cv2
+    from tqdm import tqdm
+
+    from redseg.caffe_utils import set_mode
+    from redseg.inference import DEPLOY, Segmenter, to_u8, write_png
+
+    if not args.weights.is_file():
+        raise CaffeInputError(f"weights file not found: {args.weights}")
+    samples = read_list(args.data / "test.txt")
+    meta = read_meta(args.data)
+    set_mode(args.gpu)
+    seg = Segmenter(args.weights, mean_bgr(args.data), args.deploy or DEPLOY)
+    pred = out / "pred"
+    pred.mkdir(parents=True, exist_ok=True)
+    factor = int(meta.get("factor", 1))
+    for s in tqdm(samples, desc="test", unit="img", disable=args.no_progress):
+        img = read_image(s.image)
+        for lesion, prob in seg(img).items():
+            u8 = to_u8(prob)
+            if args.full_size and factor > 1:
+                h, w = u8.shape
+                u8 = cv2.resize(u8, (w * factor, h * factor), interpolation=cv2.INTER_LINEAR)
+            write_png(pred / f"{s.name}_{lesion.lower()}.png", u8)
+    logging.info("maps of %d images in %s", len(samples), pred)
+    if args.no_eval:
+        return 0
+    result = evaluate(pred, args.gt or args.data, out / "eval", overlays=args.overlays, progress=not args.no_progress)
+    print(summary_table(result))
+    print(f"report: {out / 'eval' / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
