@@ -15,11 +15,13 @@ TRAIN    := $(PY) tools/train.py --data $(DATA) --run $(RUN) --schedule $(SCHEDU
 
 DEMO     := runs/demo
 
-.PHONY: help setup test lint prototxt data stage1 stage2 evaluate demo vgg16 benchmark clean
+.PHONY: help setup cuda-check test lint prototxt data stage1 stage2 evaluate demo vgg16 benchmark clean
 
 help:
 	@echo "make setup      venv + BVLC Caffe with pycaffe (cached build; CAFFE_ROOT=... to use your own)"
 	@echo "make test       the whole test suite"
+	@echo "make setup CUDA=1 [CUDA_ROOT=...] [CUDA_ARCH_BIN='61 75']   the CUDA build (docs/gpu.md)"
+	@echo "make cuda-check compile + link the CUDA build here (no GPU needed), .venv unchanged"
 	@echo "make demo       the whole pipeline on a synthetic fundus set -> runs/demo/report.md"
 	@echo "make data IDRID=/path/to/IDRiD   prepare the official IDRiD segmentation set into $(DATA)"
 	@echo "make vgg16      fetch/validate ImageNet VGG16 weights into $(VGG16)"
@@ -30,6 +32,12 @@ help:
 
 setup:
 	@bash tools/setup.sh
+
+# Compile and link the CUDA build with the toolkit at hand (no GPU needed; ~8 min on 2 cores), and
+# check that it imports, without switching .venv to it. `make setup CUDA=1` builds and switches.
+CUDA_ARCH_BIN ?= 75 90
+cuda-check:
+	@CUDA=1 LINK_VENV=0 CUDA_ARCH_BIN="$(CUDA_ARCH_BIN)" bash tools/setup.sh
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -18,7 +18,10 @@
 #   PYTHON          interpreter that creates .venv (default: python3)
 #   JOBS            parallel compile jobs (default: nproc)
 #   DEBIAN_MIRROR   Debian archive URI to fetch the source from (default: read from apt's sources)
-#   CUDA=1          build with CUDA (see docs/gpu.md); CUDA_ROOT, CUDA_ARCH_BIN, CUDA_ARCH_PTX
+#   LINK_VENV=0     build and check the import, but leave .venv pointing at the Caffe it had
+#   CUDA=1          build with CUDA, without cuDNN (docs/gpu.md): CUDA_ROOT (toolkit root; default: the nvcc on
+#                   PATH, completed with cuBLAS/cuRAND wheels if it lacks them), CUDA_ARCH_BIN ("75 90"),
+#                   CUDA_ARCH_PTX (90)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -133,15 +136,58 @@ patch_source() { # $1 = source dir; the small changes this toolchain needs (SPEC
     die "protobuf patch did not apply to $src/src/caffe/util/io.cpp"
   if [ "$CUDA" = 1 ]; then
     # CUDA 13 removed three cudaDeviceProp fields that Caffe::DeviceQuery only prints.
-    sed -i -E '/(clockRate|deviceOverlap|kernelExecTimeoutEnabled)/d' "$src/src/caffe/common.cpp"
+    sed -i -e 's/prop\.clockRate/0/' -e 's/prop\.deviceOverlap/false/' -e 's/prop\.kernelExecTimeoutEnabled/false/' \
+      "$src/src/caffe/common.cpp"
   fi
+}
+
+# A CUDA toolkit root for CMake: the nvcc toolkit itself when it has cuBLAS and cuRAND, otherwise
+# one assembled in the cache from that toolkit plus cuBLAS/cuRAND from NVIDIA's PyPI wheels (the
+# nvcc shipped on some machines lacks them; SPEC section 2).
+assemble_cuda_root() {
+  local nvcc base ver major minor root wheels suffix
+  nvcc=$(command -v nvcc) || die "CUDA=1: no nvcc on PATH; set CUDA_ROOT=<toolkit root with bin/nvcc>"
+  base=$(cd "$(dirname "$(readlink -f "$nvcc")")/.." && pwd)
+  if ls "$base"/lib64/libcublas.so "$base"/lib64/libcurand.so >/dev/null 2>&1; then
+    CUDA_ROOT=$base
+    return
+  fi
+  ver=$("$nvcc" --version | sed -n 's/.*release \([0-9]*\)\.\([0-9]*\).*/\1.\2/p')
+  major=${ver%%.*}
+  minor=${ver#*.}
+  root="$CACHE/cuda-root-$ver"
+  if [ -f "$root/.complete" ]; then
+    CUDA_ROOT=$root
+    return
+  fi
+  log "assembling a CUDA $ver toolkit root in $root (nvcc from $base, cuBLAS/cuRAND wheels)"
+  rm -rf "$root"
+  mkdir -p "$root/include" "$root/lib64"
+  wheels="$root/wheels"
+  suffix=""
+  [ "$major" -lt 13 ] && suffix="-cu$major"
+  "$VENV/bin/python" -m pip install -q --target "$wheels" "nvidia-cublas$suffix==$major.$minor.*" "nvidia-curand$suffix" ||
+    die "could not install nvidia-cublas$suffix/nvidia-curand$suffix wheels for CUDA $ver"
+  local d f
+  for d in bin nvvm; do [ -e "$base/$d" ] && ln -s "$base/$d" "$root/$d"; done
+  for f in "$base"/include/* "$base"/targets/*/include/*; do [ -e "$f" ] && ln -sf "$f" "$root/include/"; done
+  for f in "$base"/lib64/* "$base"/targets/*/lib/*; do [ -e "$f" ] && ln -sf "$f" "$root/lib64/"; done
+  for f in "$wheels"/nvidia/*/include/* "$wheels"/nvidia/cu*/include/*; do [ -e "$f" ] && ln -sf "$f" "$root/include/"; done
+  for f in "$wheels"/nvidia/*/lib/lib*.so* "$wheels"/nvidia/cu*/lib/lib*.so*; do [ -e "$f" ] && ln -sf "$f" "$root/lib64/"; done
+  for f in cublas cublasLt curand; do
+    [ -e "$root/lib64/lib$f.so" ] || ln -s "$(ls "$root/lib64/lib$f.so."* | head -n1)" "$root/lib64/lib$f.so"
+  done
+  ls "$root"/lib64/libcublas.so "$root"/lib64/libcurand.so "$root"/include/cublas_v2.h >/dev/null ||
+    die "assembled toolkit root $root lacks cuBLAS/cuRAND"
+  touch "$root/.complete"
+  CUDA_ROOT=$root
 }
 
 build_caffe() {
   local pyver variant key dir src
   pyver=$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
   if [ "$CUDA" = 1 ]; then
-    [ -n "${CUDA_ROOT:-}" ] || die "CUDA=1 needs CUDA_ROOT=<toolkit root with bin/nvcc, include/, lib64/>"
+    [ -n "${CUDA_ROOT:-}" ] || assemble_cuda_root
     [ -x "$CUDA_ROOT/bin/nvcc" ] || die "no nvcc at $CUDA_ROOT/bin/nvcc"
     variant="cuda$("$CUDA_ROOT/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')-sm${CUDA_ARCH_BIN// /_}"
   else
@@ -213,7 +259,12 @@ main() {
     ensure_venv
     build_caffe
   fi
-  link_venv
+  if [ "${LINK_VENV:-1}" = 1 ]; then
+    link_venv
+  else # only check that this build imports (make cuda-check), leaving .venv as it is
+    PYTHONPATH="$CAFFE_PY" GLOG_minloglevel=2 "$VENV/bin/python" -c 'import caffe; print("setup: import caffe OK:", caffe.__file__)' ||
+      die "the build in $CAFFE_PY does not import"
+  fi
 }
 
 main "$@"
