@@ -88,3 +88,19 @@ def test_weights_that_do_not_fit_are_a_clear_error(caffe, tmp_path, tiny_set):
     assert proc.returncode == 1 and "not found" in proc.stderr
     proc = run_test_net("--weights", other, "--data", tmp_path / "no_set")
     assert proc.returncode == 1 and "make data" in proc.stderr
+
+
+def test_segment_own_photo(tmp_path, tiny_set, weights):
+    photo = tmp_path / "my photo.jpg"
+    img = np.full((150, 200, 3), 120, np.uint8)
+    cv2.circle(img, (100, 75), 10, (20, 20, 80), -1)
+    cv2.imwrite(str(photo), img)
+    cmd = [sys.executable, str(REPO / "tools/segment.py"), "--weights", str(weights), "--data", str(tiny_set),
+           "--width", "96", "--out", str(tmp_path / "o"), str(photo)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for suffix in ("ma", "he", "overlay"):
+        out = cv2.imread(str(tmp_path / "o" / f"my photo_{suffix}.png"), cv2.IMREAD_UNCHANGED)
+        assert out.shape[:2] == (150, 200)
+    proc = subprocess.run(cmd[:-1] + [str(tmp_path / "missing.jpg")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "missing.jpg" in proc.stderr

@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""Segment your own fundus photographs with a trained Red-Seg.
+
+  python tools/segment.py --weights runs/idrid/stage2_final.caffemodel --data data/idrid photo1.jpg photo2.png
+
+Each photograph is resized to the training resolution (--width, default 1072 px wide as IDRiD's
+4x-downsampled images; the paper's section 3.1), passed once through prototxt/deploy.prototxt,
+and written to --out as <name>_ma.png / <name>_he.png (8-bit probability maps at the photo's own
+size) and <name>_overlay.png (MA in yellow, HE in cyan over the photo). The input mean comes from
+the prepared set the model was trained on (--data) or --mean-bgr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from redseg import config as C  # noqa: E402
+from redseg.caffe_utils import CaffeInputError  # noqa: E402
+from redseg.data import DataError, mean_bgr, read_image  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("images", nargs="+", type=Path)
+    ap.add_argument("--weights", type=Path, required=True)
+    ap.add_argument("--data", type=Path, help="prepared set whose training mean to use")
+    ap.add_argument("--mean-bgr", help="B,G,R input mean instead of --data (default: the L-Seg IDRiD mean)")
+    ap.add_argument("--width", type=int, default=C.IDRID_FULL_SIZE[0] // C.DOWNSAMPLE, help="network input width")
+    ap.add_argument("--out", type=Path, default=Path("runs/segment"))
+    ap.add_argument("--gpu", type=int)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        if args.mean_bgr:
+            mean = [float(v) for v in args.mean_bgr.split(",")]
+            if len(mean) != 3:
+                raise ValueError
+        elif args.data:
+            mean = mean_bgr(args.data)
+        else:
+            mean = C.LSEG_MEAN_BGR
+            logging.warning("no --data or --mean-bgr: using the L-Seg IDRiD mean %s", mean)
+    except ValueError:
+        logging.error("--mean-bgr must be three numbers B,G,R, got %r", args.mean_bgr)
+        return 2
+    except DataError as e:
+        logging.error("%s", e)
+        return 1
+    try:
+        return run(args, mean)
+    except (CaffeInputError, DataError, RuntimeError, OSError) as e:
+        logging.error("%s", e)
+        return 1
+
+
+def run(args, mean) -> int:
+    import cv2
+    import numpy as np
+
+    from redseg.caffe_utils import set_mode
+    from redseg.inference import Segmenter, to_u8, write_png
+
+    for p in args.images:  # every input readable before the net is built
+        if not p.is_file():
+            raise DataError(f"image not found: {p}")
+    set_mode(args.gpu)
+    seg = Segmenter(args.weights, mean)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path in args.images:
+        img = read_image(path)
+        h, w = img.shape[:2]
+        small = cv2.resize(img, (args.width, max(1, round(h * args.width / w))), interpolation=cv2.INTER_AREA)
+        maps = {k: cv2.resize(to_u8(v), (w, h), interpolation=cv2.INTER_LINEAR) for k, v in seg(small).items()}
+        overlay = img.astype(np.float32)
+        for lesion, colour in (("MA", (0, 255, 255)), ("HE", (255, 255, 0))):
+            a = (maps[lesion].astype(np.float32) / 255.0)[..., None]
+            overlay = overlay * (1 - a) + np.array(colour, np.float32) * a
+            write_png(args.out / f"{path.stem}_{lesion.lower()}.png", maps[lesion])
+        write_png(args.out / f"{path.stem}_overlay.png", overlay.astype(np.uint8))
+        print(args.out / f"{path.stem}_overlay.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
