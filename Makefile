@@ -28,6 +28,7 @@ help:
 	@echo "make stage1 stage2 [SCHEDULE=paper|demo|smoke] [GPU=0] [DATA=...] [RUN=...]"
 	@echo "make evaluate   score $(WEIGHTS) on the test images of $(DATA)"
 	@echo "make prototxt   regenerate prototxt/ from redseg/net.py"
+	@echo "make benchmark  [SIZE=712x1072] [GPU=0] timings -> runs/benchmark/ (docs/performance.md)"
 	@echo "make lint       ruff"
 
 setup:
@@ -75,6 +76,12 @@ demo: setup
 	$(PY) tools/test_net.py --weights $(DEMO)/stage2_final.caffemodel --data $(DEMO)/data --gt $(DEMO)/idrid --out $(DEMO)/test
 	@echo "Demo finished. Report of the two-stage model: $(DEMO)/test/eval/report.md"
 	@echo "(metrics.json, pr_curves.png and overlays/ beside it; stage 1 alone, as in Table 2: $(DEMO)/test_stage1/eval/report.md)"
+
+# Speed and memory of the training iteration, the Python layers, the deploy pass and scoring
+# (docs/performance.md). SIZE=HxW, default the paper's 712x1072.
+SIZE ?= 712x1072
+benchmark: setup
+	$(PY) tools/benchmark.py --size $(SIZE) $(GPU_FLAG) --json runs/benchmark/benchmark_$(SIZE).json
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

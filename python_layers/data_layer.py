@@ -4,8 +4,10 @@ Reads a list file of (image, MA mask, HE mask) triples from a prepared set (docs
 and outputs ``data`` (1x3xHxW, BGR minus the per-channel mean stored in the set's meta.json),
 ``label_ma`` and ``label_he`` (1x1xHxW, 0/1). Batch size 1 (paper section 3.2); every image is
 taken at its own size (rot90/rot270 samples are portrait). Shuffled with a seed, reshuffled every
-epoch. Decoded samples are cached in memory (uint8) after their first use, and the next sample is
-loaded in a background thread while Caffe runs the net.
+epoch. Decoded samples are cached in memory (uint8, the image already in Caffe's channel-first
+order) after their first use, and the next sample is loaded in a background thread while Caffe
+runs the net, so in steady state an iteration costs one fused uint8 -> float32 mean subtraction
+into the top blob and two label copies (about 1 ms at 1072x712; issue #6, docs/performance.md).
 
 param_str (JSON): ``list`` (path of the list file; required), ``shuffle`` (true), ``seed`` (1),
 ``cache`` (true), ``mean`` (optional [B, G, R] overriding meta.json).
@@ -20,7 +22,7 @@ from pathlib import Path
 import caffe
 import numpy as np
 
-from redseg.data import image_blob, load_sample, mean_bgr, read_list
+from redseg.data import load_sample, mean_bgr, read_list
 
 DEFAULTS = dict(list=None, shuffle=True, seed=1, cache=True, mean=None)
 
@@ -39,9 +41,7 @@ class RedSegData(caffe.Layer):
             raise ValueError("RedSegData: needs 3 tops (data, label_ma, label_he)")
         self.samples = read_list(p["list"])
         self.mean = (
-            np.asarray(p["mean"], dtype=np.float32)
-            if p["mean"] is not None
-            else mean_bgr(Path(p["list"]).parent)
+            np.asarray(p["mean"], dtype=np.float32) if p["mean"] is not None else mean_bgr(Path(p["list"]).parent)
         )
         self.shuffle = bool(p["shuffle"])
         self.rng = np.random.default_rng(int(p["seed"]))
@@ -60,7 +60,10 @@ class RedSegData(caffe.Layer):
     def _load(self, i: int):
         if self.cache is not None and i in self.cache:
             return self.cache[i]
-        sample = load_sample(self.samples[i])
+        img, ma, he = load_sample(self.samples[i])
+        # HxWx3 -> 3xHxW once here (in the loader thread), not in every forward: a contiguous
+        # source makes the per-iteration subtraction about 3x faster than from a strided view.
+        sample = (np.ascontiguousarray(img.transpose(2, 0, 1)), ma, he)
         if self.cache is not None:
             self.cache[i] = sample
         return sample
@@ -88,14 +91,15 @@ class RedSegData(caffe.Layer):
         else:
             self.current = self.pending.result()
             self.pending = self.pool.submit(self._load, self._advance())
-        h, w = self.current[0].shape[:2]
+        h, w = self.current[0].shape[1:]
         top[0].reshape(1, 3, h, w)
         top[1].reshape(1, 1, h, w)
         top[2].reshape(1, 1, h, w)
 
     def forward(self, bottom, top):
-        img, ma, he = self.current
-        image_blob(img, self.mean, out=top[0].data)
+        chw, ma, he = self.current
+        # BGR minus the per-channel mean (as redseg.data.image_blob), straight into the top blob.
+        np.subtract(chw, self.mean.reshape(3, 1, 1), out=top[0].data[0], dtype=np.float32)
         top[1].data[0, 0] = ma
         top[2].data[0, 0] = he
 

@@ -124,14 +124,10 @@ def check_net_param(param, source: str = "net") -> None:
                     f"imported ({e}); is python_layers/ on sys.path?"
                 ) from e
             if not hasattr(module, layer.python_param.layer):
-                raise CaffeInputError(
-                    f"{source}: module '{mod}' has no layer class '{layer.python_param.layer}'"
-                )
+                raise CaffeInputError(f"{source}: module '{mod}' has no layer class '{layer.python_param.layer}'")
         for b in layer.bottom:
             if b not in produced:
-                raise CaffeInputError(
-                    f"{source}: layer '{layer.name}' reads blob '{b}', which no earlier layer makes"
-                )
+                raise CaffeInputError(f"{source}: layer '{layer.name}' reads blob '{b}', which no earlier layer makes")
         produced.update(layer.top)
 
 

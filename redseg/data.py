@@ -46,9 +46,7 @@ def read_list(list_path: str | Path) -> list[Sample]:
             continue
         parts = line.split("\t")
         if len(parts) != 3:
-            raise DataError(
-                f"{list_path}:{lineno}: expected 3 tab-separated paths (image, MA, HE), got {line!r}"
-            )
+            raise DataError(f"{list_path}:{lineno}: expected 3 tab-separated paths (image, MA, HE), got {line!r}")
         paths = [root / p for p in parts]
         for p in paths:
             if not p.is_file():
@@ -65,8 +63,7 @@ def read_meta(prepared: str | Path) -> dict:
     meta_path = prepared / "meta.json"
     if not (prepared / ".complete").is_file():
         raise DataError(
-            f"{prepared} is not a finished prepared data set (no .complete stamp); "
-            "run tools/prepare_idrid.py again"
+            f"{prepared} is not a finished prepared data set (no .complete stamp); run tools/prepare_idrid.py again"
         )
     try:
         meta = json.loads(meta_path.read_text())

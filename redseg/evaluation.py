@@ -170,8 +170,7 @@ def _prepared(list_file: Path) -> GroundTruth:
     folder = list_file.parent
     if not (folder / PREPARED_COMPLETE).is_file():
         raise EvaluationError(
-            f"prepared set {folder} is incomplete (no {PREPARED_COMPLETE} marker); "
-            "rerun tools/prepare_idrid.py"
+            f"prepared set {folder} is incomplete (no {PREPARED_COMPLETE} marker); rerun tools/prepare_idrid.py"
         )
     images: list[GtImage] = []
     for lineno, raw in enumerate(list_file.read_text().splitlines(), 1):
@@ -687,9 +686,7 @@ def draw_overlay(item: GtImage, preds: dict, gts: dict) -> np.ndarray:
         cv2.drawContours(panel, contours, -1, GT_OUTLINE_BGR[les], 1)
         label = f"{item.name} {les}: prediction red->yellow, ground truth {GT_OUTLINE_NAME[les]}"
         scale = max(0.4, shape[1] / 1600)
-        cv2.putText(
-            panel, label, (8, int(24 * scale / 0.6)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1
-        )
+        cv2.putText(panel, label, (8, int(24 * scale / 0.6)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1)
         panels.append(panel)
     gap = np.full((shape[0], 4, 3), 255, np.uint8)
     out = [panels[0]]

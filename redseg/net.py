@@ -171,9 +171,7 @@ def loss_names(ma_stages=C.BRANCH_STAGES["MA"], he_stages=C.BRANCH_STAGES["HE"])
     return out
 
 
-def solver_text(
-    train_net: str, st: C.StageSchedule, title: str, snapshot_prefix: str, gpu: bool = True
-) -> str:
+def solver_text(train_net: str, st: C.StageSchedule, title: str, snapshot_prefix: str, gpu: bool = True) -> str:
     """Solver of one stage (Algorithm 1, section 3.2): SGD, fixed lr, momentum 0.9, decay 5e-4."""
     lines = [
         f"# {title}",
@@ -212,9 +210,7 @@ def generate(out_dir: str | Path) -> list[Path]:
         if stages == C.BRANCH_STAGES["MA"]:
             continue
         files[f"ablations/train_stage1_ma_{variant}.prototxt"] = redseg(NetOptions(stage=1, ma_stages=stages))
-        files[f"ablations/deploy_ma_{variant}.prototxt"] = redseg(
-            NetOptions(stage="deploy", ma_stages=stages)
-        )
+        files[f"ablations/deploy_ma_{variant}.prototxt"] = redseg(NetOptions(stage="deploy", ma_stages=stages))
     written = []
     for name, proto in files.items():
         written.append(_write(out / name, HEADER + str(proto)))

@@ -200,11 +200,7 @@ class LossLog:
         rows = []
         if resume_iter > 0 and path.is_file():
             with path.open(newline="") as f:
-                rows = [
-                    r
-                    for r in csv.DictReader(f)
-                    if r.get("iter", "").isdigit() and int(r["iter"]) <= resume_iter
-                ]
+                rows = [r for r in csv.DictReader(f) if r.get("iter", "").isdigit() and int(r["iter"]) <= resume_iter]
         tmp = path.with_name(path.name + ".tmp")
         with tmp.open("w", newline="") as f:
             w = csv.DictWriter(f, self.columns, extrasaction="ignore")
@@ -277,9 +273,7 @@ def train_stage(run: StageRun) -> Path:
             ma = sum(v for n, v in vals.items() if n.startswith("loss_ma"))
             he = sum(v for n, v in vals.items() if n.startswith("loss_he"))
             lam = topk[0].last.get("lambda_", float("nan")) if topk else float("nan")
-            loss_log.write(
-                {"iter": solver.iter, "lambda": lam, "loss_ma": ma, "loss_he": he, "seconds": dt, **vals}
-            )
+            loss_log.write({"iter": solver.iter, "lambda": lam, "loss_ma": ma, "loss_he": he, "seconds": dt, **vals})
             if bar is not None:
                 post = {"MA": f"{ma:.4g}", "HE": f"{he:.4g}"}
                 if topk:

@@ -60,13 +60,9 @@ def write_prepared_set(root: Path, n: int = 4, size: tuple[int, int] = (64, 48),
             cv2.imwrite(str(root / split / "images" / f"{name}.png"), img)
             cv2.imwrite(str(root / split / "masks" / f"{name}_MA.png"), ma)
             cv2.imwrite(str(root / split / "masks" / f"{name}_HE.png"), he)
-            lines.append(
-                f"{split}/images/{name}.png\t{split}/masks/{name}_MA.png\t{split}/masks/{name}_HE.png"
-            )
+            lines.append(f"{split}/images/{name}.png\t{split}/masks/{name}_MA.png\t{split}/masks/{name}_HE.png")
         (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    (root / "meta.json").write_text(
-        json.dumps({"mean_bgr": [140.0, 140.0, 145.0], "factor": 1, "size": [w, h]})
-    )
+    (root / "meta.json").write_text(json.dumps({"mean_bgr": [140.0, 140.0, 145.0], "factor": 1, "size": [w, h]}))
     (root / ".complete").write_text("")
     return root
 

@@ -186,8 +186,7 @@ def test_prediction_smaller_than_labels_is_resized_bilinearly(tmp_path):
     pred = write_preds(tmp_path / "pred", small)
     result = evaluate(pred, gt_root, tmp_path / "eval", overlays=1, progress=False)
     upsized = {
-        n: {les: cv2.resize(small[n][les], (W, H), interpolation=cv2.INTER_LINEAR) for les in LESIONS}
-        for n in small
+        n: {les: cv2.resize(small[n][les], (W, H), interpolation=cv2.INTER_LINEAR) for les in LESIONS} for n in small
     }
     check(result, gts, upsized)
     assert result["meta"]["n_resized"] == len(NAMES) * len(LESIONS)
@@ -202,9 +201,7 @@ def test_at_pred_size_downsizes_labels_with_any_rule(tmp_path):
     pred = write_preds(tmp_path / "pred", small)
     result = evaluate(pred, gt_root, tmp_path / "eval", at_pred_size=True, overlays=0, progress=False)
     # "any" rule by hand: a 2x2 block is lesion if any of its 4 pixels is
-    blocks = {
-        n: {les: gts[n][les].reshape(H // 2, 2, W // 2, 2).any(axis=(1, 3)) for les in LESIONS} for n in gts
-    }
+    blocks = {n: {les: gts[n][les].reshape(H // 2, 2, W // 2, 2).any(axis=(1, 3)) for les in LESIONS} for n in gts}
     check(result, blocks, small)
     assert result["meta"]["scored_at"] == "prediction size"
 

@@ -135,9 +135,7 @@ def test_protocol_with_ties_and_skipped_thresholds_by_hand(no_warnings):
     #  i = 12..23 (v >= 102..196): TP 2, FP 1 -> R 2/3, P 2/3
     #  i = 24..30 (v >= 204..255): TP + FP = 0 -> skipped
     # sorted by recall, ties by falling threshold: (0,1) (2/3,2/3) ... (1,1/2) ... (1,3/7)
-    expected = (
-        Fraction(2, 3) * (1 + Fraction(2, 3)) / 2 + Fraction(1, 3) * (Fraction(2, 3) + Fraction(1, 2)) / 2
-    )
+    expected = Fraction(2, 3) * (1 + Fraction(2, 3)) / 2 + Fraction(1, 3) * (Fraction(2, 3) + Fraction(1, 2)) / 2
     assert expected == Fraction(3, 4)
     auc, curve = metrics.protocol_auc_pr(pos, neg)
     assert auc == pytest.approx(float(expected))

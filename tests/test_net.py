@@ -25,9 +25,7 @@ def test_committed_prototxts_equal_generator_output(tmp_path):
 def test_train_net_has_vgg16_encoder_and_eight_losses():
     param = read_net_param(REPO / "prototxt" / "train_stage1.prototxt")
     convs = [lay for lay in param.layer if lay.type == "Convolution" and lay.name.startswith("conv")]
-    assert [c.name for c in convs] == [
-        f"{stage}_{i}" for stage, _, n in C.VGG16_CONVS for i in range(1, n + 1)
-    ]
+    assert [c.name for c in convs] == [f"{stage}_{i}" for stage, _, n in C.VGG16_CONVS for i in range(1, n + 1)]
     assert all(c.convolution_param.kernel_size == [3] and c.convolution_param.pad == [1] for c in convs)
     assert [lay.name for lay in param.layer if lay.type == "Pooling"] == ["pool1", "pool2", "pool3", "pool4"]
     losses = [lay for lay in param.layer if lay.type == "Python" and lay.python_param.module == "losses"]

@@ -34,12 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="init weights: ImageNet VGG16 (stage 1); default <run>/stage1_final (stage 2)",
     )
-    ap.add_argument(
-        "--from-scratch", action="store_true", help="stage 1 without VGG16 weights (not the paper's)"
-    )
-    ap.add_argument(
-        "--resume", default="auto", help="a .solverstate, 'auto' (default: latest in --run) or 'no'"
-    )
+    ap.add_argument("--from-scratch", action="store_true", help="stage 1 without VGG16 weights (not the paper's)")
+    ap.add_argument("--resume", default="auto", help="a .solverstate, 'auto' (default: latest in --run) or 'no'")
     ap.add_argument("--gpu", type=int, help="GPU id (default: CPU)")
     ap.add_argument("--force", action="store_true", help="train again even if the stage has finished")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")

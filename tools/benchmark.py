@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""Time Red-Seg's real nets on this machine: iterations, loss layers, data layer, inference, scoring.
+
+    python tools/benchmark.py [--size 712x1072] [--gpu N] [--json OUT] [--repeats 3]
+
+Builds the stage-1 and stage-2 train nets and the deploy net from redseg/net.py, on synthetic
+images it makes in a temporary folder (no IDRiD or VGG16 weights needed), and measures: one
+training iteration per stage (with a per-layer breakdown, like `caffe time`), the 8 Python loss
+layers' forward + backward (and the float64 reference losses of tests/reference_losses.py on the
+same inputs, with the speed-up), the data layer per iteration, one deploy forward pass, scoring
+27 test images, and the peak resident memory. Prints a table; writes JSON (default
+runs/benchmark/benchmark_<H>x<W>_<cpu|gpuN>.json). See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from redseg.benchmark import TARGET_SIZE, BenchConfig, format_report, run_benchmark  # noqa: E402
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size wants HxW, e.g. 712x1072; got {text!r}") from None
+    if h < 32 or w < 32:
+        raise argparse.ArgumentTypeError(f"--size {text}: at least 32x32 (the net downsamples 16x)")
+    return h, w
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--size",
+        type=parse_size,
+        default=TARGET_SIZE,
+        help="image size HxW (rows x columns; default 712x1072, the paper's)",
+    )
+    ap.add_argument("--gpu", type=int, help="GPU id (needs a CUDA build of Caffe; default: CPU)")
+    ap.add_argument("--json", type=Path, help="where to write the JSON result")
+    ap.add_argument("--repeats", type=int, default=3, help="timed iterations / forward passes / scorings (default 3)")
+    ap.add_argument("--fast-repeats", type=int, default=20, help="timed runs of the loss and data layers (default 20)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
+    ap.add_argument("--stages", default="1,2", help="training stages to time (default 1,2)")
+    ap.add_argument("--workdir", type=Path, help="keep the generated set and nets here (default: a temp folder)")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    args = ap.parse_args(argv)
+    if args.repeats < 1 or args.fast_repeats < 1 or args.warmup < 0:
+        ap.error("--repeats and --fast-repeats must be >= 1, --warmup >= 0")
+    try:
+        stages = tuple(int(s) for s in args.stages.split(","))
+    except ValueError:
+        ap.error(f"--stages wants e.g. 1,2; got {args.stages!r}")
+    if not stages or set(stages) - {1, 2}:
+        ap.error("--stages: 1, 2 or 1,2")
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    cfg = BenchConfig(
+        size=args.size,
+        gpu=args.gpu,
+        repeats=args.repeats,
+        fast_repeats=args.fast_repeats,
+        warmup=args.warmup,
+        stages=stages,
+        workdir=args.workdir,
+    )
+    try:
+        result = run_benchmark(cfg)
+    except RuntimeError as e:  # e.g. --gpu on a CPU-only Caffe build (redseg.caffe_utils.set_mode)
+        sys.exit(f"benchmark.py: error: {e}")
+    print(format_report(result))
+    h, w = args.size
+    mode = "cpu" if args.gpu is None else f"gpu{args.gpu}"
+    out = args.json or Path("runs/benchmark") / f"benchmark_{h}x{w}_{mode}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(out)
+    print(f"\nJSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
