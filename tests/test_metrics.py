@@ -237,7 +237,7 @@ def test_break_even_is_brute_force_minimum(seed):
     for v in range(256):
         hit = pred >= v
         tp, fp = np.sum(hit & gt), np.sum(hit & ~gt)
-        if tp + fp == 0:
+        if tp == 0:  # finds no lesion pixel: P = R = 0 is no break-even point
             continue
         gap = abs(tp / (tp + fp) - tp / gt.sum())
         if best_gap is None or gap <= best_gap:  # later (higher) v wins ties
@@ -245,6 +245,15 @@ def test_break_even_is_brute_force_minimum(seed):
     assert be["threshold_u8"] == best_v
     assert be["threshold"] == pytest.approx(best_v / 255)
     assert abs(be["precision"] - be["recall"]) == pytest.approx(best_gap)
+
+
+def test_break_even_ignores_thresholds_that_find_nothing():
+    """High thresholds reached only by false positives give P = R = 0 (gap 0): not a break-even."""
+    gt = np.array([1, 1, 0, 0, 0, 0], bool)
+    pred = np.array([100, 90, 200, 10, 10, 10], np.uint8)  # the top value is a false positive
+    be = metrics.break_even(*metrics.histograms(pred, gt))
+    # v in 101..200: TP = 0 (skipped); v in 91..100: P = 1/2, R = 1/2 -> gap 0 at the highest, v = 100
+    assert be["threshold_u8"] == 100 and be["precision"] == be["recall"] == 0.5
 
 
 def test_pooling_is_sum_of_histograms():
