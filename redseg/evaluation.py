@@ -163,7 +163,9 @@ def _official(seg: Path, given: Path) -> GroundTruth:
         )
         for name in sorted(names)
     ]
-    return GroundTruth("official", given, images, {"masks": str(gt_dir)})
+    # tools/make_synthetic.py leaves synthetic.json beside "A. Segmentation": say so in the report.
+    synthetic = (seg.parent / "synthetic.json").is_file()
+    return GroundTruth("official", given, images, {"masks": str(gt_dir), "synthetic": synthetic})
 
 
 def _prepared(list_file: Path) -> GroundTruth:
@@ -488,6 +490,15 @@ def render_report(result: dict) -> str:
         f"{meta['n_images']} images, at the {meta['scored_at']} ({meta['resize']}; "
         f"{meta['n_resized']} maps resized).",
         "",
+        *(
+            [
+                "**These labels are synthetic** (tools/make_synthetic.py): the paper's IDRiD numbers below "
+                "show the format of the comparison, not a result to compare with.",
+                "",
+            ]
+            if meta["gt_info"].get("synthetic")
+            else []
+        ),
         "## Our numbers",
         "",
         summary_table(result),
@@ -577,7 +588,7 @@ def render_report(result: dict) -> str:
     if meta["outputs"]["overlays"]:
         outlines = ", ".join(f"{les} {GT_OUTLINE_NAME[les]}" for les in LESIONS)
         lines.append(
-            "- `overlays/`: fundus photo, predicted probability as a red (low) to yellow (high) "
+            "- `overlays/`: fundus photo, predicted probability above 0.5 as magenta (0.5) to white (1) "
             f"heat map, ground truth outlined ({outlines})"
         )
     lines.append(f"\nScored in {meta.get('seconds', 0):.1f} s.\n")
@@ -663,7 +674,7 @@ def _overlay_inputs(preds: dict, gts: dict) -> tuple[dict, dict]:
 
 
 def draw_overlay(item: GtImage, preds: dict, gts: dict) -> np.ndarray:
-    """One panel per lesion side by side: photo, probability heat (red -> yellow), gt outline."""
+    """One panel per lesion side by side: photo, probability above 0.5 (magenta -> white), gt outline."""
     shape = preds[LESIONS[0]].shape
     photo = cv2.imread(str(item.photo), cv2.IMREAD_COLOR) if item.photo is not None else None
     if photo is None:
@@ -676,15 +687,17 @@ def draw_overlay(item: GtImage, preds: dict, gts: dict) -> np.ndarray:
         if p.shape != shape:
             p = cv2.resize(p, shape[::-1], interpolation=cv2.INTER_LINEAR)
         heat = np.empty((*shape, 3), np.float32)
-        heat[..., 0] = 0.0
-        heat[..., 1] = 255.0 * p  # red at low probability, yellow at high
+        # Where p > 0.5 (positive at the protocol's t = 0.5): magenta, turning white as p -> 1; both
+        # stand out on an orange fundus. Opaque from p = 0.75.
+        heat[..., 0] = 255.0
+        heat[..., 1] = 255.0 * np.clip(2.0 * p - 1.0, 0.0, 1.0)
         heat[..., 2] = 255.0
-        alpha = (0.85 * p)[..., None]
+        alpha = np.clip(4.0 * (p - 0.5), 0.0, 0.9)[..., None]
         panel = (photo.astype(np.float32) * (1.0 - alpha) + heat * alpha).astype(np.uint8)
         gt = gts[les] if gts[les].shape == shape else downsize_any(gts[les], shape)
         contours, _ = cv2.findContours(gt.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(panel, contours, -1, GT_OUTLINE_BGR[les], 1)
-        label = f"{item.name} {les}: prediction red->yellow, ground truth {GT_OUTLINE_NAME[les]}"
+        label = f"{item.name} {les}: prediction p>0.5 magenta->white, gt {GT_OUTLINE_NAME[les]}"
         scale = max(0.4, shape[1] / 1600)
         cv2.putText(panel, label, (8, int(24 * scale / 0.6)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1)
         panels.append(panel)

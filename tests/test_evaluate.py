@@ -315,3 +315,24 @@ def test_cli_errors_are_one_line(tmp_path):
     proc = run_cli("--pred", str(pred), "--gt", str(tmp_path), "--out", str(tmp_path / "e"))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert str(tmp_path) in proc.stderr and "neither" in proc.stderr
+
+
+def test_report_says_when_labels_are_synthetic(tmp_path):
+    """make_synthetic's marker file beside 'A. Segmentation' puts a warning into report.md."""
+
+    root = tmp_path / "syn"
+    subprocess.run(
+        [sys.executable, str(REPO / "tools/make_synthetic.py"), "--out", str(root), "--size", "96x64",
+         "--n-train", "1", "--n-test", "2", "-q"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for name in ("IDRiD_02", "IDRiD_03"):
+        for les in ("ma", "he"):
+            cv2.imwrite(str(pred / f"{name}_{les}.png"), np.full((64, 96), 100, np.uint8))
+    evaluate(pred, root, tmp_path / "out", overlays=0, progress=False)
+    assert "These labels are synthetic" in (tmp_path / "out" / "report.md").read_text()
+    (root / "synthetic.json").unlink()
+    evaluate(pred, root, tmp_path / "out2", overlays=0, progress=False)
+    assert "synthetic" not in (tmp_path / "out2" / "report.md").read_text()
