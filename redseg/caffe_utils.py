@@ -144,20 +144,26 @@ def load_net(prototxt: str | os.PathLike, phase: str = "TEST", weights: str | os
     return net
 
 
-def read_caffemodel(path: str | os.PathLike) -> dict[str, list[tuple[int, ...]]]:
-    """Layer name -> parameter blob shapes of a ``.caffemodel`` (without loading it into Caffe)."""
+def read_binary_proto(path: str | os.PathLike, message: str, what: str):
+    """Parse a binary Caffe protobuf file (``message``: e.g. "NetParameter") or say what is wrong."""
     import_caffe()
     from caffe.proto import caffe_pb2
     from google.protobuf.message import DecodeError
 
     path = Path(path)
     if not path.is_file():
-        raise CaffeInputError(f"weights file not found: {path}")
-    param = caffe_pb2.NetParameter()
+        raise CaffeInputError(f"{what} not found: {path}")
+    param = getattr(caffe_pb2, message)()
     try:
         param.ParseFromString(path.read_bytes())
     except DecodeError as e:
-        raise CaffeInputError(f"{path}: not a Caffe .caffemodel (binary NetParameter): {e}") from e
+        raise CaffeInputError(f"{path}: not a Caffe {what} (binary {message}): {e}") from e
+    return param
+
+
+def read_caffemodel(path: str | os.PathLike) -> dict[str, list[tuple[int, ...]]]:
+    """Layer name -> parameter blob shapes of a ``.caffemodel`` (without loading it into Caffe)."""
+    param = read_binary_proto(path, "NetParameter", "weights file")
     layers = list(param.layer) or list(param.layers)  # new and V1 formats
     shapes = {}
     for layer in layers:

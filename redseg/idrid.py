@@ -55,6 +55,7 @@ import cv2
 import numpy as np
 
 from redseg.config import ALL_IDRID_LESIONS, AUGMENTATIONS, DOWNSAMPLE, IDRID_LESION_DIRS, LSEG_MEAN_BGR
+from redseg.fsutil import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -529,13 +530,7 @@ def prepare(
             meta = _build(source, work, options, fp, tqdm, progress)
             (work / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")  # last
             (work / PARTIAL).unlink()
-            if out.exists():
-                old = out.parent / f"{out.name}.old-{os.getpid()}"
-                out.rename(old)
-                work.rename(out)
-                shutil.rmtree(old)
-            else:
-                work.rename(out)
+            replace_dir(work, out)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise

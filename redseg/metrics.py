@@ -219,10 +219,10 @@ def break_even(pos_hist: np.ndarray, neg_hist: np.ndarray) -> dict:
     Why: every P in the paper's Table 2 is within 0.01 of its R, which suggests the paper reports
     P and R at break-even rather than at t = 0.5 (SPEC section 1). Candidates are v = 0..255 at
     which some lesion pixel is found (TP > 0; like the protocol's skip rule for P = R = 0, a
-    threshold that finds nothing is no break-even point, though its |P - R| = 0). Tie rule: among thresholds with the same smallest
-    |P - R| the highest v wins (identical counts for a run of v happen when no prediction value
-    lies between them; the highest is then the prediction value itself). ``threshold`` is v / 255.
-    All nan (threshold too) when there is no lesion pixel.
+    threshold that finds nothing is no break-even point, though its |P - R| = 0). Tie rule: among
+    thresholds with the same smallest |P - R| the highest v wins (identical counts for a run of v
+    happen when no prediction value lies between them; the highest is then the prediction value
+    itself). ``threshold`` is v / 255. All nan (threshold too) when there is no lesion pixel.
     """
     pos, neg = _check_hists(pos_hist, neg_hist)
     tp_at = _cum_at_or_above(pos)[:NBINS]

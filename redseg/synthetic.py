@@ -51,6 +51,7 @@ import cv2
 import numpy as np
 
 from redseg.config import IDRID_LESION_DIRS, TEST_IDS, TRAIN_IDS
+from redseg.fsutil import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -659,13 +660,7 @@ def generate_idrid_tree(
             }
         info = {"generator": "redseg.synthetic", "settings": settings, "images": images}
         (tmp / MARKER).write_text(json.dumps(info, indent=1) + "\n")
-        if out.exists():
-            old_dir = out.parent / f"{out.name}.old-{os.getpid()}"
-            out.rename(old_dir)
-            tmp.rename(out)
-            shutil.rmtree(old_dir)
-        else:
-            tmp.rename(out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -25,7 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from redseg import config as C
-from redseg.caffe_utils import REPO, CaffeInputError, check_net_param, check_weights, import_caffe, set_mode
+from redseg.caffe_utils import (
+    REPO,
+    CaffeInputError,
+    check_net_param,
+    check_weights,
+    import_caffe,
+    read_binary_proto,
+    set_mode,
+)
 from redseg.data import read_list, read_meta
 
 log = logging.getLogger(__name__)
@@ -137,17 +145,7 @@ def latest_solverstate(run: StageRun) -> Path | None:
 
 def check_solverstate(path: Path) -> None:
     """Caffe's restore CHECK-fails on a missing or foreign file: check it first."""
-    import_caffe()
-    from caffe.proto import caffe_pb2
-    from google.protobuf.message import DecodeError
-
-    if not path.is_file():
-        raise CaffeInputError(f"solver state not found: {path}")
-    state = caffe_pb2.SolverState()
-    try:
-        state.ParseFromString(path.read_bytes())
-    except DecodeError as e:
-        raise CaffeInputError(f"{path}: not a Caffe .solverstate ({e})") from e
+    state = read_binary_proto(path, "SolverState", "solver state")
     if not state.learned_net:
         raise CaffeInputError(f"{path}: not a Caffe .solverstate (no learned_net)")
     learned = Path(state.learned_net)

@@ -18,18 +18,11 @@ import math
 
 import numpy as np
 import pytest
+from loss_nets import make_net, run
 from reference_losses import reference_fnfp, reference_lambda, reference_topk
 
 from redseg import config as C
 from redseg.schedule import kept_negatives
-
-NET = """
-force_backward: true
-layer {{ name: "x" type: "Input" top: "x" input_param {{ shape {{ dim: {n} dim: 1 dim: {h} dim: {w} }} }} }}
-layer {{ name: "y" type: "Input" top: "y" input_param {{ shape {{ dim: {n} dim: 1 dim: {h} dim: {w} }} }} }}
-layer {{ name: "loss" type: "Python" bottom: "x" bottom: "y" top: "loss" loss_weight: {lw}
-  python_param {{ module: "losses" layer: "{layer}" param_str: '{param}' }} }}
-"""
 
 S, M = C.LAMBDA_PERIOD, C.SCHEDULES["paper"].stage1.max_iter
 PAPER = {"lambda0": C.LAMBDA0, "period": S, "max_iter": M}
@@ -40,22 +33,6 @@ def losses(caffe):
     import losses as mod  # python_layers/ is on sys.path once caffe is imported through redseg
 
     return mod
-
-
-def make_net(caffe, tmp_path, layer, shape, param=None, lw=1.0):
-    n, h, w = shape
-    path = tmp_path / f"{layer}_{n}_{h}_{w}.prototxt"
-    path.write_text(NET.format(n=n, h=h, w=w, lw=lw, layer=layer, param=json.dumps(param or {})))
-    net = caffe.Net(str(path), caffe.TRAIN)
-    return net, net.layers[list(net._layer_names).index("loss")]
-
-
-def run(net, x, y):
-    net.blobs["x"].data[...] = x
-    net.blobs["y"].data[...] = y
-    loss = net.forward()["loss"].item()
-    net.backward()
-    return loss, net.blobs["x"].diff.copy()
 
 
 def stable_top_k(x: np.ndarray, is_pos: np.ndarray, k: int) -> np.ndarray:

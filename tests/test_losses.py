@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
+from loss_nets import NET, make_net, run
 from reference_losses import reference_fnfp, reference_lambda, reference_topk
 
 from redseg import config as C
-
-NET = """
-force_backward: true
-layer {{ name: "x" type: "Input" top: "x" input_param {{ shape {{ dim: {n} dim: 1 dim: {h} dim: {w} }} }} }}
-layer {{ name: "y" type: "Input" top: "y" input_param {{ shape {{ dim: {n} dim: 1 dim: {h} dim: {w} }} }} }}
-layer {{ name: "loss" type: "Python" bottom: "x" bottom: "y" top: "loss" loss_weight: {lw}
-  python_param {{ module: "losses" layer: "{layer}" param_str: '{param}' }} }}
-"""
-
-
-def make_net(caffe, tmp_path, layer, param=None, shape=(1, 12, 16), lw=1.0, phase="TRAIN"):
-    n, h, w = shape
-    path = tmp_path / f"{layer}.prototxt"
-    path.write_text(NET.format(n=n, h=h, w=w, lw=lw, layer=layer, param=json.dumps(param or {})))
-    net = caffe.Net(str(path), caffe.TRAIN if phase == "TRAIN" else caffe.TEST)
-    return net, net.layers[list(net._layer_names).index("loss")]
 
 
 def spaced_logits(rng, shape, scale=3.0):
@@ -37,14 +21,6 @@ def spaced_logits(rng, shape, scale=3.0):
 
 def labels(rng, shape, frac=0.1):
     return (rng.random(shape) < frac).astype(np.float32)
-
-
-def run(net, x, y):
-    net.blobs["x"].data[...] = x
-    net.blobs["y"].data[...] = y
-    loss = net.forward()["loss"].item()
-    net.backward()
-    return loss, net.blobs["x"].diff.copy()
 
 
 def numeric_grad(net, x, y, idx, eps=2e-3):
@@ -138,7 +114,7 @@ def test_lambda_staircase_and_kept_negatives(caffe, tmp_path, r, expected):
         caffe,
         tmp_path,
         "TopKBalancedCELoss",
-        {"lambda0": 0.14, "period": S, "max_iter": M},
+        param={"lambda0": 0.14, "period": S, "max_iter": M},
         shape=(1, 40, 50),
     )
     assert reference_lambda(r, 0.14, S, M) == pytest.approx(expected)
@@ -162,7 +138,7 @@ def test_lambda_staircase_and_kept_negatives(caffe, tmp_path, r, expected):
 
 
 def test_counter_advances_per_training_forward(caffe, tmp_path):
-    net, layer = make_net(caffe, tmp_path, "TopKBalancedCELoss", {"lambda0": 0.5, "period": 2, "max_iter": 4})
+    net, layer = make_net(caffe, tmp_path, "TopKBalancedCELoss", param={"lambda0": 0.5, "period": 2, "max_iter": 4})
     rng = np.random.default_rng(0)
     x, y = spaced_logits(rng, (1, 1, 12, 16)), labels(rng, (1, 1, 12, 16))
     lams = []
@@ -187,7 +163,7 @@ def test_image_without_positives(caffe, tmp_path):
 
 def test_bad_param_str_and_shapes_are_python_errors(caffe, tmp_path):
     with pytest.raises(Exception, match="unknown param_str keys"):
-        make_net(caffe, tmp_path, "TopKBalancedCELoss", {"lamda0": 0.1})
+        make_net(caffe, tmp_path, "TopKBalancedCELoss", param={"lamda0": 0.1})
     bad = tmp_path / "bad.prototxt"
     text = NET.format(n=1, h=4, w=4, lw=1, layer="FNFPLoss", param="{}")
     bad.write_text(text.replace("dim: 4 dim: 4", "dim: 4 dim: 5", 1))

@@ -147,7 +147,12 @@ patch_source() { # $1 = source dir; the small changes this toolchain needs (SPEC
 assemble_cuda_root() {
   local nvcc base ver major minor root wheels suffix
   nvcc=$(command -v nvcc) || die "CUDA=1: no nvcc on PATH; set CUDA_ROOT=<toolkit root with bin/nvcc>"
-  base=$(cd "$(dirname "$(readlink -f "$nvcc")")/.." && pwd)
+  # The toolkit nvcc belongs to, as nvcc itself reports it (the nvcc on PATH may be a wrapper).
+  base=$("$nvcc" --dryrun -c -x cu /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n1)
+  [ -n "$base" ] || base="$(dirname "$(readlink -f "$nvcc")")/.."
+  base=$(cd "$base" && pwd)
+  [ -f "$base/include/cuda_runtime.h" ] || [ -n "$(ls "$base"/targets/*/include/cuda_runtime.h 2>/dev/null)" ] ||
+    die "no CUDA headers (cuda_runtime.h) in the toolkit of $nvcc ($base); set CUDA_ROOT"
   if ls "$base"/lib64/libcublas.so "$base"/lib64/libcurand.so >/dev/null 2>&1; then
     CUDA_ROOT=$base
     return
@@ -221,6 +226,10 @@ build_caffe() {
     die "Caffe build failed; the last lines of $buildlog:
 $(tail -n 15 "$buildlog")"
   ls "$CAFFE_PY"/caffe/_caffe*.so >/dev/null 2>&1 || die "build finished but $CAFFE_PY/caffe/_caffe.so is missing"
+  if [ "$CUDA" = 1 ] && ! grep -q cudaGetDeviceCount "$src"/build/lib/libcaffe.so* 2>/dev/null; then
+    # Caffe's CMake quietly falls back to CPU_ONLY when it does not find CUDA: never pass that off.
+    die "CUDA=1, but CMake built Caffe without CUDA (toolkit not found under $CUDA_ROOT); see $buildlog"
+  fi
   printf 'caffe %s\nvariant %s\npython %s\nbuilt %s\n' "$CAFFE_DEB_VERSION" "$variant" "$pyver" "$(date -u +%FT%TZ)" \
     >"$dir/.complete"
   log "Caffe built in $dir"
