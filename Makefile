@@ -26,7 +26,7 @@ help:
 	@echo "make data IDRID=/path/to/IDRiD   prepare the official IDRiD segmentation set into $(DATA)"
 	@echo "make vgg16      fetch/validate ImageNet VGG16 weights into $(VGG16)"
 	@echo "make stage1 stage2 [SCHEDULE=paper|demo|smoke] [GPU=0] [DATA=...] [RUN=...]"
-	@echo "make evaluate   score $(WEIGHTS) on the test images of $(DATA)"
+	@echo "make evaluate [IDRID=/path]  maps + metrics of $(WEIGHTS) -> $(RUN)/test (full-size labels with IDRID)"
 	@echo "make prototxt   regenerate prototxt/ from redseg/net.py"
 	@echo "make benchmark  [SIZE=712x1072] [GPU=0] timings -> runs/benchmark/ (docs/performance.md)"
 	@echo "make lint       ruff"
@@ -63,7 +63,7 @@ stage2: setup
 	$(TRAIN) --stage 2 --weights $(RUN)/stage1_final.caffemodel
 
 evaluate: setup
-	$(PY) tools/test_net.py --weights $(WEIGHTS) --data $(DATA) --out $(RUN)/eval $(GPU_FLAG)
+	$(PY) tools/test_net.py --weights $(WEIGHTS) --data $(DATA) --out $(RUN)/test $(GPU_FLAG) $(if $(IDRID),--gt "$(IDRID)",)
 
 # The whole pipeline on a synthetic fundus set (IDRiD cannot be shipped): the same prepare, train and
 # evaluation code as real data, with the short `demo` schedule (redseg/config.py), from scratch.

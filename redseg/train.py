@@ -170,7 +170,7 @@ def _init_weights(run: StageRun, net) -> None:
                 raise CaffeInputError(
                     f"no ImageNet VGG16 weights at {run.weights}. Run `make vgg16` (or download "
                     "VGG_ILSVRC_16_layers.caffemodel from the Caffe model zoo) and pass --weights, "
-                    "or pass --from-scratch to train without them (not the paper's setting)."
+                    "or pass --from-scratch (make: FROM_SCRATCH=1) to train without them (not the paper's setting)."
                 )
             log.warning("*" * 78)
             log.warning("TRAINING FROM SCRATCH: no ImageNet VGG16 weights (the paper starts from them).")
