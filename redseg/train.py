@@ -52,6 +52,7 @@ class StageRun:
     run_dir: Path
     schedule: C.Schedule
     solver: Path | None = None  # template; default prototxt/solver_stage{stage}.prototxt
+    net: Path | None = None  # train net instead of the solver's (e.g. a Table 5 ablation)
     weights: Path | None = None  # VGG16 (stage 1) or stage-1 weights (stage 2)
     resume: str | None = "auto"  # a .solverstate, "auto" (latest in run_dir, if any) or None
     gpu: int | None = None
@@ -91,9 +92,9 @@ def materialise(run: StageRun) -> Path:
         raise CaffeInputError(f"solver file not found: {template}")
     sp = caffe_pb2.SolverParameter()
     text_format.Merge(Path(template).read_text(), sp)
-    net_path = _resolve(sp.net)
+    net_path = Path(run.net) if run.net else _resolve(sp.net)
     if not net_path.is_file():
-        raise CaffeInputError(f"{template}: its net {sp.net} is not found")
+        raise CaffeInputError(f"train net not found: {net_path}")
     npar = caffe_pb2.NetParameter()
     text_format.Merge(net_path.read_text(), npar)
     train_list = (run.data / "train.txt").resolve()

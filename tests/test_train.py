@@ -201,3 +201,13 @@ def test_vgg16_init_copies_encoder(caffe, tmp_path, tiny_set):
     proc = train("--stage", 1, "--data", tiny_set, "--run", run, "--weights", model)
     assert "13 layers initialised" in proc.stderr
     assert "FROM SCRATCH" not in proc.stderr
+
+
+def test_table5_ablation_net_trains_through_the_driver(tmp_path, tiny_set):
+    """--net swaps in an ablation train net (MA fused from conv2-5): its extra loss is logged."""
+    net = REPO / "prototxt" / "ablations" / "train_stage1_ma_conv2-5.prototxt"
+    run = tmp_path / "abl"
+    train("--stage", 1, "--data", tiny_set, "--run", run, "--from-scratch", "--net", net)
+    header = (run / "stage1_log.csv").read_text().splitlines()[0].split(",")
+    assert "loss_ma_conv5" in header and "loss_ma_conv2" in header
+    assert "TopKBalancedCELoss" in (run / "stage1_train.prototxt").read_text()

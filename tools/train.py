@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", type=Path, default=Path("runs/idrid"), help="run folder for snapshots and logs")
     ap.add_argument("--schedule", choices=sorted(C.SCHEDULES), default="paper", help="default: paper")
     ap.add_argument("--solver", type=Path, help="solver template (default prototxt/solver_stage<N>.prototxt)")
+    ap.add_argument("--net", type=Path, help="train net instead of the solver's (e.g. prototxt/ablations/...)")
     ap.add_argument(
         "--weights",
         type=Path,
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir=args.run,
         schedule=C.SCHEDULES[args.schedule],
         solver=args.solver,
+        net=args.net,
         weights=weights,
         resume=None if args.resume == "no" else args.resume,
         gpu=args.gpu,
