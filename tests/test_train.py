@@ -211,3 +211,24 @@ def test_table5_ablation_net_trains_through_the_driver(tmp_path, tiny_set):
     header = (run / "stage1_log.csv").read_text().splitlines()[0].split(",")
     assert "loss_ma_conv5" in header and "loss_ma_conv2" in header
     assert "TopKBalancedCELoss" in (run / "stage1_train.prototxt").read_text()
+
+
+@pytest.mark.parametrize("damage", ["truncated image", "mask of another size"])
+def test_bad_training_file_stops_with_its_name(tmp_path, tiny_set, damage):
+    """A file the data layer cannot use stops training with a Python error naming it, not an abort."""
+    import shutil
+
+    import cv2
+
+    data = tmp_path / "set"
+    shutil.copytree(tiny_set, data)
+    if damage == "truncated image":
+        bad = data / "train" / "images" / "IDRiD_03.png"
+        bad.write_bytes(bad.read_bytes()[:100])
+    else:
+        bad = data / "train" / "masks" / "IDRiD_02_HE.png"
+        cv2.imwrite(str(bad), np.zeros((10, 10), np.uint8))
+    proc = train("--stage", 1, "--data", data, "--run", tmp_path / "run", "--from-scratch", check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert str(bad) in proc.stderr
+    assert "Traceback" not in proc.stderr
