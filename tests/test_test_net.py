@@ -104,3 +104,21 @@ def test_segment_own_photo(tmp_path, tiny_set, weights):
         assert out.shape[:2] == (150, 200)
     proc = subprocess.run(cmd[:-1] + [str(tmp_path / "missing.jpg")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "missing.jpg" in proc.stderr
+
+
+def test_gpu_flag_with_this_build_is_a_clear_error(tmp_path, tiny_set, weights):
+    """--gpu on a CPU-only Caffe (or a machine without a driver) is refused before Caffe can abort."""
+    import shutil
+
+    from redseg.caffe_utils import caffe_has_cuda
+
+    if caffe_has_cuda() and shutil.which("nvidia-smi"):
+        pytest.skip("a CUDA build on a machine with a GPU driver: --gpu 0 would really run")
+    proc = run_test_net("--weights", weights, "--data", tiny_set, "--out", tmp_path / "t", "--gpu", "0")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    expected = "nvidia-smi" if caffe_has_cuda() else "built CPU-only"
+    assert expected in proc.stderr
+    cmd = [sys.executable, str(REPO / "tools/train.py"), "--stage", "1", "--data", str(tiny_set),
+           "--run", str(tmp_path / "r"), "--from-scratch", "--gpu", "0", "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and expected in proc.stderr
