@@ -13,6 +13,12 @@ from dataclasses import dataclass
 # --- Lesions (section 1; SPEC "Network") ---------------------------------------------------------
 LESIONS = ("MA", "HE")  # microaneurysms, haemorrhages: the two branches, in this order
 ALL_IDRID_LESIONS = ("MA", "HE", "EX", "SE", "OD")
+# The official IDRiD segmentation archive's folder names (SPEC "Data"); every reader and writer
+# of that layout (prepare, evaluation, the synthetic generator, the tests) uses these.
+IDRID_SEG_DIR = "A. Segmentation"
+IDRID_IMAGES_DIR = "1. Original Images"
+IDRID_GT_DIR = "2. All Segmentation Groundtruths"
+IDRID_SPLIT_DIRS = {"train": "a. Training Set", "test": "b. Testing Set"}
 IDRID_LESION_DIRS = {
     "MA": "1. Microaneurysms",
     "HE": "2. Haemorrhages",

@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from redseg import config as C
 from redseg import metrics
 from redseg.config import (
     ALL_IDRID_LESIONS,
@@ -41,9 +42,9 @@ from redseg.config import (
 
 log = logging.getLogger(__name__)
 
-OFFICIAL_SEGMENTATION = "A. Segmentation"
-OFFICIAL_IMAGES_TEST = ("1. Original Images", "b. Testing Set")
-OFFICIAL_GT_TEST = ("2. All Segmentation Groundtruths", "b. Testing Set")
+OFFICIAL_SEGMENTATION = C.IDRID_SEG_DIR
+OFFICIAL_IMAGES_TEST = (C.IDRID_IMAGES_DIR, C.IDRID_SPLIT_DIRS["test"])
+OFFICIAL_GT_TEST = (C.IDRID_GT_DIR, C.IDRID_SPLIT_DIRS["test"])
 PREPARED_LIST = "test.txt"
 PREPARED_COMPLETE = ".complete"
 MASK_EXTS = (".tif", ".tiff", ".png")

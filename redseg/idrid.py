@@ -54,6 +54,7 @@ from pathlib import Path, PurePosixPath
 import cv2
 import numpy as np
 
+from redseg import config as C
 from redseg.config import ALL_IDRID_LESIONS, AUGMENTATIONS, DOWNSAMPLE, IDRID_LESION_DIRS, LSEG_MEAN_BGR
 from redseg.fsutil import replace_dir
 
@@ -64,10 +65,10 @@ GENERATOR = "redseg.idrid.prepare"
 MASK_RULES = ("any", "area", "nearest")
 DEFAULT_LESIONS = ("MA", "HE", "EX", "SE")
 LIST_LESIONS = ("MA", "HE")  # the two columns of a list file after the image
-SEG_DIR = "A. Segmentation"
-IMAGES_DIR = "1. Original Images"
-GT_DIR = "2. All Segmentation Groundtruths"
-SPLIT_DIRS = {"train": "a. Training Set", "test": "b. Testing Set"}
+SEG_DIR = C.IDRID_SEG_DIR
+IMAGES_DIR = C.IDRID_IMAGES_DIR
+GT_DIR = C.IDRID_GT_DIR
+SPLIT_DIRS = C.IDRID_SPLIT_DIRS
 COMPLETE = ".complete"
 PARTIAL = ".partial"  # marker inside a work folder: ours, unfinished
 

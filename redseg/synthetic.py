@@ -50,15 +50,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from redseg import config as C
 from redseg.config import IDRID_LESION_DIRS, TEST_IDS, TRAIN_IDS
 from redseg.fsutil import replace_dir
 
 log = logging.getLogger(__name__)
 
-SEG_DIR = "A. Segmentation"
-IMAGES_DIR = "1. Original Images"
-GT_DIR = "2. All Segmentation Groundtruths"
-SPLIT_DIRS = {"train": "a. Training Set", "test": "b. Testing Set"}
+SEG_DIR = C.IDRID_SEG_DIR
+IMAGES_DIR = C.IDRID_IMAGES_DIR
+GT_DIR = C.IDRID_GT_DIR
+SPLIT_DIRS = C.IDRID_SPLIT_DIRS
 REFERENCE_WIDTH = 1072  # the paper's working width (4288 / 4); default sizes are tuned at it
 DEFAULT_MA_RADIUS_AT_REF = (6.0, 9.0)  # full-size px at 1072 px width -> 1.5-2.25 px after 4x
 MARKER = "synthetic.json"  # written last at the root of a generated tree; marks it as ours

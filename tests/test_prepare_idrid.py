@@ -26,6 +26,7 @@ from redseg.synthetic import SyntheticParams, generate_idrid_tree
 
 REPO = Path(__file__).resolve().parent.parent
 TOOL = REPO / "tools" / "prepare_idrid.py"
+# Spelled out here, not imported from redseg.config: the tests check the layout against IDRiD's own names.
 SEG = "A. Segmentation"
 IMG = f"{SEG}/1. Original Images"
 GT = f"{SEG}/2. All Segmentation Groundtruths"
