@@ -85,11 +85,10 @@ class RedSegData(caffe.Layer):
             self.pending = self.pool.submit(self._load, i)
 
     def reshape(self, bottom, top):
-        if self.in_setup:
+        self.current = self.pending.result()  # raises the DataError of a bad file, naming it
+        if self.in_setup:  # only shows the first sample's size; the first forward takes it again
             self.in_setup = False
-            self.current = self.pending.result()  # raises the DataError of a bad file, naming it
         else:
-            self.current = self.pending.result()
             self.pending = self.pool.submit(self._load, self._advance())
         h, w = self.current[0].shape[1:]
         top[0].reshape(1, 3, h, w)
