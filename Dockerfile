@@ -6,11 +6,14 @@
 # CUDA 12.x still targets Pascal (sm_61, the paper's GTX 1080Ti); CUDA 13 does not. The toolkit comes
 # from NVIDIA's CUDA image; the system is Debian bookworm, whose apt sources `make setup` reads to
 # fetch Debian's Caffe source package.
+ARG CUDA_VERSION=12.4
 ARG CUDA_IMAGE=nvidia/cuda:12.4.1-devel-ubuntu22.04
 FROM ${CUDA_IMAGE} AS cuda
 
 FROM debian:bookworm
-COPY --from=cuda /usr/local/cuda /usr/local/cuda
+ARG CUDA_VERSION
+# The versioned folder: /usr/local/cuda itself is a symlink in NVIDIA's images.
+COPY --from=cuda /usr/local/cuda-${CUDA_VERSION} /usr/local/cuda
 ENV PATH=/usr/local/cuda/bin:${PATH} \
     LD_LIBRARY_PATH=/usr/local/cuda/lib64 \
     NVIDIA_VISIBLE_DEVICES=all \
