@@ -64,6 +64,22 @@ def _parse_params(param_str: str, defaults: dict, layer: str) -> dict:
     return {**defaults, **given}
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The loss is NaN or infinite: the net has diverged.
+
+    Raised in the forward pass, so the solver step stops before Caffe's backward pass, which is not
+    safe on NaN activations (a max-pooling window of NaNs keeps mask index -1, and its backward
+    then writes outside the blob: "double free or corruption"). tools/train.py reports it.
+    """
+
+
+def _finite(loss: float, layer: str, iteration: int | None = None) -> float:
+    if not math.isfinite(loss):
+        at = f" at stage iteration {iteration}" if iteration is not None else ""
+        raise NonFiniteLossError(f"{layer}: the loss is {loss}{at}; the net has diverged (NaN or infinite logits)")
+    return loss
+
+
 def _check_bottoms(layer: str, bottom) -> None:
     if len(bottom) != 2:
         raise ValueError(f"{layer}: needs 2 bottoms (logits, labels), got {len(bottom)}")
@@ -180,8 +196,8 @@ def topk_image(x: np.ndarray, y: np.ndarray, lam: float):
 
     ``x``, ``y``: 1-D float32 logits and labels. ``pos``/``sel``: indices of the positives and of
     the k selected negatives; ``g_pos``/``g_sel``: dL/dx there (float32; zero elsewhere):
-    -beta * (1 - p) and (1 - beta) * p. A NaN logit makes the loss NaN (and ``pos`` None), so the
-    training driver stops instead of the NaN hiding outside the selection.
+    -beta * (1 - p) and (1 - beta) * p. A NaN logit makes the loss NaN (and ``pos`` None) even when
+    it lies outside the selection; the layer then raises :class:`NonFiniteLossError`.
     """
     is_pos = y > 0.5
     pos = np.flatnonzero(is_pos)
@@ -243,7 +259,7 @@ class TopKBalancedCELoss(caffe.Layer):
             total += loss
             self._saved.append((pos, sel, g_pos, g_sel))
             self.last = dict(lambda_=lam, k=k, beta=beta, n_pos=n_pos)
-        top[0].data[0] = total
+        top[0].data[0] = _finite(total, "TopKBalancedCELoss", self.iteration)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -253,9 +269,6 @@ class TopKBalancedCELoss(caffe.Layer):
         diff = bottom[0].diff.reshape(n, -1)
         diff.fill(0)
         for i, (pos, sel, g_pos, g_sel) in enumerate(self._saved):
-            if pos is None:  # NaN logits: no meaningful gradient
-                diff[i] = np.nan
-                continue
             if scale != 1:
                 g_pos, g_sel = g_pos * scale, g_sel * scale
             diff[i, pos] = g_pos
@@ -306,7 +319,7 @@ class FNFPLoss(caffe.Layer):
         g *= s
         d -= g  # d = p - y: (1 - y) - s for x >= 0, s - y for x < 0
         np.multiply(d, d, out=g)
-        top[0].data[0] = float(g.sum())  # float32 pairwise summation (numpy): ~1e-7 relative
+        top[0].data[0] = _finite(float(g.sum()), "FNFPLoss")  # float32 pairwise summation: ~1e-7 relative
         np.multiply(s, r, out=g)  # p (1 - p)
         g *= d  # dL/dx = 2 g
 

@@ -259,7 +259,13 @@ def train_stage(run: StageRun) -> Path:
             if stop.requested:
                 raise KeyboardInterrupt
             t0 = time.perf_counter()
-            solver.step(1)
+            try:
+                solver.step(1)
+            except FloatingPointError as e:  # a loss layer saw NaN/inf and stopped the step
+                raise TrainingError(
+                    f"stage {run.stage}: {e}; training stopped at iteration {solver.iter + 1}. "
+                    f"Last good snapshot: {latest_solverstate(run) or 'none'}. Check the data and the lr."
+                ) from e
             dt = time.perf_counter() - t0
             vals = {n: net.blobs[n].data.item() for n in names}
             bad = [n for n, v in vals.items() if not math.isfinite(v)]

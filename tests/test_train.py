@@ -232,3 +232,14 @@ def test_bad_training_file_stops_with_its_name(tmp_path, tiny_set, damage):
     assert proc.returncode == 1, proc.stderr
     assert str(bad) in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_nan_loss_stops_with_a_clear_error(caffe, tmp_path, tiny_set):
+    """A diverging run (absurd lr) stops at the first non-finite loss and names the last snapshot."""
+    from redseg.train import StageRun, TrainingError, train_stage
+
+    wild = C.Schedule("wild", C.StageSchedule(10.0, 20, 2), C.StageSchedule(1.0, 2, 2), 4, "diverges on purpose")
+    run = StageRun(stage=1, data=tiny_set, run_dir=tmp_path / "run", schedule=wild, from_scratch=True, progress=False)
+    with pytest.raises(TrainingError, match=r"(nan|inf).*training stopped"):
+        train_stage(run)
+    assert not (tmp_path / "run" / "stage1_final.caffemodel").exists()
