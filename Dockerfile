@@ -1,6 +1,7 @@
 # Red-Seg in Caffe, CUDA build, for a GPU host:  docker build -t redseg .
 #   docker run --gpus all -v /path/to/IDRiD:/data/idrid:ro -v $PWD/runs:/work/redseg/runs \
-#              redseg make data IDRID=/data/idrid stage1 stage2 evaluate GPU=0
+#              -v $PWD/models:/work/redseg/models redseg make data stage1 stage2 evaluate \
+#              IDRID=/data/idrid GPU=0 VGG16=models/VGG_ILSVRC_16_layers.caffemodel
 # (see README "GPU and Docker"). Caffe is built by the same `make setup` as everywhere else.
 #
 # CUDA 12.x still targets Pascal (sm_61, the paper's GTX 1080Ti); CUDA 13 does not. The toolkit comes

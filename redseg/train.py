@@ -118,7 +118,16 @@ def materialise(run: StageRun) -> Path:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     run_net = run.run_dir / f"stage{run.stage}_train.prototxt"
     _atomic_write(run_net, text_format.MessageToString(npar))
+    if sp.iter_size not in (0, 1):
+        raise CaffeInputError(
+            f"{template}: iter_size {sp.iter_size}; Red-Seg trains with batch size 1 and iter_size 1 "
+            "(section 3.2), and the Top-k lambda schedule counts one forward pass per iteration"
+        )
     st = run.stage_schedule
+    for key, ours in (("base_lr", st.base_lr), ("max_iter", st.max_iter), ("snapshot", st.snapshot)):
+        theirs = getattr(sp, key)
+        if sp.HasField(key) and not math.isclose(theirs, ours):
+            log.warning("%s: %s %g replaced by %g from --schedule %s", template, key, theirs, ours, run.schedule.name)
     sp.net = str(run_net.resolve())
     sp.base_lr, sp.max_iter, sp.snapshot = st.base_lr, st.max_iter, st.snapshot
     sp.snapshot_prefix = str(run.prefix.resolve())
@@ -144,6 +153,28 @@ def latest_solverstate(run: StageRun) -> Path | None:
     return max(states)[1] if states else None
 
 
+def _archive_previous(run: StageRun) -> None:
+    """Starting a stage afresh: move its earlier outputs aside (never delete, never mix them in).
+
+    Old snapshots would otherwise be taken for this run's (auto-resume, the final copy), and a
+    retrained stage 1 makes every stage-2 output derived from the old one stale too.
+    """
+    stages = (1, 2) if run.stage == 1 else (2,)
+    old = [
+        p
+        for st in stages
+        for pattern in (f"stage{st}_iter_*", f"stage{st}_final.caffemodel", f"stage{st}_log.csv")
+        for p in run.run_dir.glob(pattern)
+    ]
+    if not old:
+        return
+    dest = run.run_dir / time.strftime(f"previous-stage{run.stage}-%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True)
+    for p in old:
+        p.rename(dest / p.name)
+    log.warning("stage %d starts afresh: %d earlier output files moved to %s", run.stage, len(old), dest)
+
+
 def check_solverstate(path: Path) -> None:
     """Caffe's restore CHECK-fails on a missing or foreign file: check it first."""
     state = read_binary_proto(path, "SolverState", "solver state")
@@ -166,7 +197,7 @@ def _data_layer(net):
 
 def _init_weights(run: StageRun, net) -> None:
     if run.stage == 1:
-        if run.weights is None or not run.weights.is_file():
+        if run.from_scratch or run.weights is None or not run.weights.is_file():
             if not run.from_scratch:
                 raise CaffeInputError(
                     f"no ImageNet VGG16 weights at {run.weights}. Run `make vgg16` (or download "
@@ -232,6 +263,8 @@ def train_stage(run: StageRun) -> Path:
         resume = Path(run.resume)
     if resume is not None:
         check_solverstate(resume)
+    else:
+        _archive_previous(run)
     solver_path = materialise(run)
     solver = caffe.get_solver(str(solver_path))
     net = solver.net
@@ -245,6 +278,7 @@ def train_stage(run: StageRun) -> Path:
     if solver.iter:
         _data_layer(net).skip(solver.iter)  # and the same sample sequence
     max_iter = run.stage_schedule.max_iter
+    start_iter = solver.iter
     names = [b for b in net.outputs if b.startswith("loss_")]
     loss_log = LossLog(run.run_dir / f"stage{run.stage}_log.csv", names, solver.iter)
     log.info(
@@ -299,8 +333,9 @@ def train_stage(run: StageRun) -> Path:
         if bar is not None:
             bar.close()
         loss_log.close()
-    if not (run.run_dir / f"stage{run.stage}_iter_{max_iter}.caffemodel").is_file():
-        solver.snapshot()
+    snap_every = run.stage_schedule.snapshot
+    if solver.iter > start_iter and not (snap_every and max_iter % snap_every == 0):
+        solver.snapshot()  # Caffe snapshots only at multiples of `snapshot` (97,200 is not one)
     tmp = run.final.with_name(run.final.name + ".tmp")
     shutil.copyfile(run.run_dir / f"stage{run.stage}_iter_{max_iter}.caffemodel", tmp)
     os.replace(tmp, run.final)

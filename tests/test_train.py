@@ -243,3 +243,47 @@ def test_nan_loss_stops_with_a_clear_error(caffe, tmp_path, tiny_set):
     with pytest.raises(TrainingError, match=r"(nan|inf).*training stopped"):
         train_stage(run)
     assert not (tmp_path / "run" / "stage1_final.caffemodel").exists()
+
+
+def test_force_retrain_archives_old_outputs_and_snapshots_its_own_final(caffe, tmp_path, tiny_set, one_image):
+    """Retraining a stage never reuses the previous run's files: they move aside, stage 2's too.
+
+    The schedule's max_iter (5) is not a multiple of its snapshot interval (2), as in the paper
+    (97,200 vs 10,000): the final weights must come from this run's own last iteration.
+    """
+    from redseg.train import StageRun, train_stage
+
+    odd = C.Schedule("odd", C.StageSchedule(1e-6, 5, 2), C.StageSchedule(1e-7, 2, 2), 4, "max_iter not a multiple")
+    run_dir = tmp_path / "run"
+    first = StageRun(stage=1, data=one_image, run_dir=run_dir, schedule=odd, from_scratch=True, progress=False)
+    train_stage(first)
+    train_stage(StageRun(stage=2, data=one_image, run_dir=run_dir, schedule=odd, weights=first.final, progress=False))
+    old_final = first.final.read_bytes()
+    again = StageRun(
+        stage=1, data=tiny_set, run_dir=run_dir, schedule=odd, from_scratch=True, progress=False, force=True
+    )
+    train_stage(again)
+    archived = list(run_dir.glob("previous-stage1-*"))
+    assert len(archived) == 1
+    moved = {p.name for p in archived[0].iterdir()}
+    assert {"stage1_final.caffemodel", "stage1_iter_5.caffemodel", "stage2_final.caffemodel"} <= moved
+    assert not (run_dir / "stage2_final.caffemodel").exists()  # derived from the old stage 1
+    assert (archived[0] / "stage1_final.caffemodel").read_bytes() == old_final
+    assert again.final.read_bytes() == (run_dir / "stage1_iter_5.caffemodel").read_bytes() != old_final
+
+
+def test_from_scratch_wins_over_a_weights_file(tmp_path, tiny_set):
+    """make stage1 FROM_SCRATCH=1 passes --weights too: the flag must still mean from scratch."""
+    junk = tmp_path / "junk.caffemodel"
+    junk.write_bytes(b"not a model")
+    proc = train("--stage", 1, "--data", tiny_set, "--run", tmp_path / "r", "--from-scratch", "--weights", junk)
+    assert "FROM SCRATCH" in proc.stderr
+
+
+def test_solver_with_iter_size_is_refused(tmp_path, tiny_set):
+    solver = tmp_path / "solver.prototxt"
+    text = (REPO / "prototxt" / "solver_stage1.prototxt").read_text().replace("iter_size: 1", "iter_size: 2")
+    solver.write_text(text.replace('net: "prototxt/', f'net: "{REPO}/prototxt/'))
+    proc = train("--stage", 1, "--data", tiny_set, "--run", tmp_path / "r", "--from-scratch", "--solver", solver,
+                 check=False)  # fmt: skip
+    assert proc.returncode == 1 and "iter_size 2" in proc.stderr
