@@ -318,26 +318,24 @@ class IdridSource:
         except (OSError, zipfile.BadZipFile, EOFError) as e:
             raise IdridError(f"cannot read {self.describe(f)}: {e}") from e
 
-    def read_image(self, f: _File) -> np.ndarray:
-        """BGR uint8; a corrupt or truncated file raises IdridError naming it."""
+    def _decode(self, f: _File, flags: int) -> np.ndarray:
+        """Decoded pixels; a corrupt or truncated file raises IdridError naming it."""
         data = self.read(f)
         if _jpeg_truncated(data):
             raise IdridError(f"{self.describe(f)} is truncated (no JPEG end marker): re-download it")
         with _quiet_opencv():
-            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-        if img is None or img.size == 0:
+            arr = cv2.imdecode(np.frombuffer(data, np.uint8), flags | cv2.IMREAD_IGNORE_ORIENTATION)
+        if arr is None or arr.size == 0:
             raise IdridError(f"cannot decode {self.describe(f)}: the file is corrupt or not an image")
-        return img
+        return arr
+
+    def read_image(self, f: _File) -> np.ndarray:
+        """BGR uint8; a corrupt or truncated file raises IdridError naming it."""
+        return self._decode(f, cv2.IMREAD_COLOR)
 
     def read_mask(self, f: _File) -> np.ndarray:
         """Boolean mask: lesion where any colour channel is non-zero (an alpha channel is ignored)."""
-        data = self.read(f)
-        if _jpeg_truncated(data):
-            raise IdridError(f"{self.describe(f)} is truncated (no JPEG end marker): re-download it")
-        with _quiet_opencv():
-            m = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
-        if m is None or m.size == 0:
-            raise IdridError(f"cannot decode {self.describe(f)}: the file is corrupt or not an image")
+        m = self._decode(f, cv2.IMREAD_UNCHANGED)
         if m.ndim == 3:
             return (m[..., :3] != 0).any(axis=2)
         return m != 0

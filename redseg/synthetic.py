@@ -288,6 +288,16 @@ def _blot_alpha(rng: np.random.Generator, radius: float, gx: np.ndarray, gy: np.
     return np.clip((f - 0.5) * radius / edge + 0.5, 0, 1)
 
 
+def _blot_at(rng: np.random.Generator, x: float, y: float, radius: float, half: float, w: int, h: int):
+    """A blot of ``radius`` centred at (x, y): its patch bounds and alpha, or None off the image."""
+    b = _patch(x, y, half, w, h)
+    if b is None:
+        return None
+    x0, x1, y0, y1 = b
+    gx, gy = np.meshgrid(np.arange(x0, x1) - x, np.arange(y0, y1) - y)
+    return b, _blot_alpha(rng, radius, gx.astype(np.float32), gy.astype(np.float32))
+
+
 def _flame_alpha(
     rng: np.random.Generator, length: float, width: float, angle: float, gx: np.ndarray, gy: np.ndarray
 ) -> np.ndarray:
@@ -423,12 +433,10 @@ def render_fundus(rng: np.random.Generator, params: SyntheticParams, with_he: bo
         placed = 0
         for x, y in blots:
             rad = rng.uniform(8, 26) * scale * (1.6 if rng.random() < 0.2 else 1.0)
-            b = _patch(x, y, 2.2 * rad + 2, w, h)
-            if b is None:
+            blot = _blot_at(rng, x, y, rad, 2.2 * rad + 2, w, h)
+            if blot is None:
                 continue
-            x0, x1, y0, y1 = b
-            gx, gy = np.meshgrid(np.arange(x0, x1) - x, np.arange(y0, y1) - y)
-            a = _blot_alpha(rng, rad, gx.astype(np.float32), gy.astype(np.float32))
+            (x0, x1, y0, y1), a = blot
             he_alpha[y0:y1, x0:x1] = np.maximum(he_alpha[y0:y1, x0:x1], a)
             placed += 1
         # flames: next to a medium vessel in the posterior pole, along it
@@ -483,12 +491,10 @@ def render_fundus(rng: np.random.Generator, params: SyntheticParams, with_he: bo
             for _ in range(int(rng.integers(3, 12))):
                 x, y = np.array([ccx, ccy]) + rng.normal(0, 12 * scale, 2)
                 rad = max(0.8, rng.uniform(2.0, 6.0) * scale)
-                b = _patch(x, y, 2 * rad + 2, w, h)
-                if b is None:
+                blot = _blot_at(rng, x, y, rad, 2 * rad + 2, w, h)
+                if blot is None:
                     continue
-                x0, x1, y0, y1 = b
-                gx, gy = np.meshgrid(np.arange(x0, x1) - x, np.arange(y0, y1) - y)
-                a = _blot_alpha(rng, rad, gx.astype(np.float32), gy.astype(np.float32))
+                (x0, x1, y0, y1), a = blot
                 a *= ~(taken[y0:y1, x0:x1] | ~inside[y0:y1, x0:x1])
                 ex_alpha[y0:y1, x0:x1] = np.maximum(ex_alpha[y0:y1, x0:x1], a)
         ex_mask = ex_alpha >= 0.5
