@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -20,3 +22,20 @@ def replace_dir(work: Path, out: Path) -> None:
         shutil.rmtree(old)
     else:
         work.rename(out)
+
+
+@contextmanager
+def atomic_path(out: Path) -> Iterator[Path]:
+    """A temporary name beside ``out`` to write (and check) a file at; renamed to ``out`` on success.
+
+    The temporary name is in the same folder, so the final rename is atomic: a reader sees either
+    the old ``out`` or the finished new one. If the block raises (a failed download, a check that
+    refuses the file, Ctrl-C), the temporary file is removed and ``out`` is left as it was.
+    """
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.part-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -35,6 +35,7 @@ from redseg.caffe_utils import (
     set_mode,
 )
 from redseg.data import read_list, read_meta
+from redseg.vgg16 import prepare_weights as prepare_vgg16
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,8 @@ def _init_weights(run: StageRun, net) -> None:
             if not run.from_scratch:
                 raise CaffeInputError(
                     f"no ImageNet VGG16 weights at {run.weights}. Run `make vgg16` (or download "
-                    "VGG_ILSVRC_16_layers.caffemodel from the Caffe model zoo) and pass --weights, "
+                    "VGG_ILSVRC_16_layers.caffemodel from the Caffe model zoo, or Keras' "
+                    "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5; docs/weights.md) and pass --weights, "
                     "or pass --from-scratch (make: FROM_SCRATCH=1) to train without them (not the paper's setting)."
                 )
             log.warning("*" * 78)
@@ -209,16 +211,22 @@ def _init_weights(run: StageRun, net) -> None:
             log.warning("Results will not match the paper's; fine for demos and tests only.")
             log.warning("*" * 78)
             return
-        copied = check_weights(run.weights, net, strict=False, required=VGG16_LAYERS)
-        log.info("stage 1: %d layers initialised from %s", len(copied), run.weights)
+        # A Caffe model (V1 or V2) or Keras' HDF5 file, told apart by content; the latter is
+        # converted once and cached beside it (redseg/vgg16.py, docs/weights.md). check_weights
+        # then checks the result against this net.
+        weights = prepare_vgg16(run.weights, validate=False)
+        copied = check_weights(weights, net, strict=False, required=VGG16_LAYERS)
+        via = "" if weights == run.weights else f" (converted: {weights})"
+        log.info("stage 1: %d layers initialised from %s%s", len(copied), run.weights, via)
     else:
         if run.weights is None or not run.weights.is_file():
             raise CaffeInputError(
                 f"stage 2 starts from the final stage-1 weights, not found at {run.weights}; run stage 1 first"
             )
-        check_weights(run.weights, net, strict=True)
-        log.info("stage 2: initialised from %s", run.weights)
-    net.copy_from(str(run.weights))
+        weights = run.weights
+        check_weights(weights, net, strict=True)
+        log.info("stage 2: initialised from %s", weights)
+    net.copy_from(str(weights))
 
 
 class LossLog:

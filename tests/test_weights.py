@@ -62,7 +62,8 @@ def test_wrong_vgg16_file_is_rejected(caffe, tmp_path):
 
 
 def test_offline_fetch_says_what_to_download(tmp_path):
-    proc = fetch("--out", tmp_path / "v.caffemodel", "--url", "http://127.0.0.1:9/none.caffemodel", "--timeout", 2)
+    proc = fetch("--out", tmp_path / "v.caffemodel", "--url", "http://127.0.0.1:9/none.caffemodel",
+                 "--keras-url", "http://127.0.0.1:9/none.h5", "--timeout", 2)  # fmt: skip
     assert proc.returncode == 1
     assert "VGG_ILSVRC_16_layers.caffemodel" in proc.stderr and str(tmp_path / "v.caffemodel") in proc.stderr
     assert not (tmp_path / "v.caffemodel").exists()

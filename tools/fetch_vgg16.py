@@ -1,100 +1,96 @@
 #!/usr/bin/env python3
-"""`make vgg16`: fetch the ImageNet VGG16 Caffe model (paper section 3.2 initialises from it) and validate it.
+"""`make vgg16`: get the ImageNet VGG16 weights (paper section 3.2 initialises from them) and validate them.
 
-On a connected machine it downloads the Caffe model zoo's VGG_ILSVRC_16_layers.caffemodel (about
-528 MB). Offline, or for a file you already have, put the file at --out (or pass --check FILE):
-the tool validates that the 13 VGG16 convolutions are there, by name and shape, so that a wrong
-file is caught before Caffe would abort on it.
+Tries, in order: a file already at --out (any form); Keras' HDF5 file placed by hand in --out's
+folder; the Caffe model zoo's VGG_ILSVRC_16_layers.caffemodel and HED's 5stage-vgg.caffemodel;
+Keras' vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 from its two addresses (size and md5
+checked), converted into a Caffe weights file at --out. Every result is validated: the 13 VGG16
+convolutions, by name and shape, so that a wrong file is caught before Caffe would abort on it.
+
+    python tools/fetch_vgg16.py --out models/vgg16/VGG_ILSVRC_16_layers.caffemodel
+    python tools/fetch_vgg16.py --check ~/Downloads/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5
+
+See docs/weights.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
+import logging
 import sys
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from redseg import config as C  # noqa: E402
-from redseg.caffe_utils import CaffeInputError, read_caffemodel  # noqa: E402
+from redseg import vgg16  # noqa: E402
+from redseg.caffe_utils import CaffeInputError  # noqa: E402
 
-# The Caffe model zoo entry of Simonyan & Zisserman's 16-layer model (and HED's converted copy).
-SOURCES = (
-    "http://www.robots.ox.ac.uk/~vgg/software/very_deep/caffe/VGG_ILSVRC_16_layers.caffemodel",
-    "https://vcl.ucsd.edu/hed/5stage-vgg.caffemodel",
-)
+DEFAULT_OUT = Path("models/vgg16") / vgg16.CAFFE_NAME
 
 
-def expected_shapes() -> dict[str, tuple[int, ...]]:
-    out, cin = {}, 3
-    for stage, nout, nconv in C.VGG16_CONVS:
-        for i in range(1, nconv + 1):
-            out[f"{stage}_{i}"] = (nout, cin, 3, 3)
-            cin = nout
-    return out
+def manual_help(out: Path) -> str:
+    """How to place the weights by hand (the message of a failed fetch)."""
+    return (
+        "Download one of these on a connected machine:\n"
+        f"  - {vgg16.CAFFE_NAME} (Caffe model zoo, about 528 MB): put it at {out}\n"
+        f"  - {vgg16.KERAS_NOTOP.name} ({vgg16.KERAS_NOTOP.size:,} bytes, md5 {vgg16.KERAS_NOTOP.md5})\n"
+        f"    or {vgg16.KERAS_FULL.name} (with the top layers; md5 {vgg16.KERAS_FULL.md5}):\n"
+        f"    put it in {out.parent}/\n"
+        "then run `make vgg16` again to convert and validate it; or pass VGG16=/path/to/either/file to\n"
+        "make (recognised by content). Without them, stage 1 can run only with FROM_SCRATCH=1 (not the\n"
+        "paper's setting). See docs/weights.md."
+    )
 
 
-def validate(path: Path) -> None:
-    shapes = read_caffemodel(path)
-    for name, shape in expected_shapes().items():
-        if name not in shapes:
-            raise CaffeInputError(f"{path}: no layer {name}; not an ImageNet VGG16 model")
-        if tuple(shapes[name][0]) != shape:
-            raise CaffeInputError(f"{path}: {name} weights are {shapes[name][0]}, VGG16 has {shape}")
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"where the Caffe weights go ({DEFAULT_OUT})")
+    ap.add_argument("--check", type=Path, help="only validate this file (a Keras file is converted beside it)")
+    ap.add_argument(
+        "--url",
+        action="append",
+        help="try this Caffe model address instead of the known ones (repeatable)",
+    )
+    ap.add_argument(
+        "--keras-url",
+        action="append",
+        help=f"try this address of {vgg16.KERAS_NOTOP.name} instead of Keras' (repeatable; size and md5 checked)",
+    )
+    ap.add_argument("--timeout", type=float, default=30, help="seconds without data before an address fails")
+    ap.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
 
-
-def download(url: str, out: Path, timeout: float) -> None:
-    tmp = out.with_name(out.name + ".part")
-    with urllib.request.urlopen(url, timeout=timeout) as r, tmp.open("wb") as f:
-        total = int(r.headers.get("Content-Length") or 0)
-        from tqdm import tqdm
-
-        with tqdm(total=total or None, unit="B", unit_scale=True, desc=out.name) as bar:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-    validate(tmp)
-    os.replace(tmp, out)
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("models/vgg16/VGG_ILSVRC_16_layers.caffemodel"))
-    ap.add_argument("--check", type=Path, help="only validate this file")
-    ap.add_argument("--url", action="append", help="download from this URL instead (repeatable)")
-    ap.add_argument("--timeout", type=float, default=30)
-    args = ap.parse_args()
     try:
         if args.check:
-            validate(args.check)
-            print(f"{args.check}: a valid VGG16 model (13 convolutions by name and shape)")
+            path = vgg16.prepare_weights(args.check)
+            via = "" if path == args.check else f" (converted to {path})"
+            print(f"{args.check}: valid VGG16 weights{via}: 13 convolutions by name and shape")
             return 0
-        if args.out.is_file():
-            validate(args.out)
-            print(f"{args.out}: already present and valid")
-            return 0
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        errors = []
-        for url in args.url or SOURCES:
-            try:
-                download(url, args.out, args.timeout)
-                print(f"{args.out}: downloaded from {url} and validated")
-                return 0
-            except (OSError, CaffeInputError) as e:
-                errors.append(f"  {url}: {e}")
+        keras = (vgg16.KERAS_NOTOP,)
+        if args.keras_url:
+            keras = (dataclasses.replace(vgg16.KERAS_NOTOP, urls=tuple(args.keras_url)),)
+        path, source = vgg16.fetch(args.out, caffe_urls=args.url or vgg16.CAFFE_URLS, keras=keras, timeout=args.timeout)
+        print(f"{path}: valid VGG16 weights, from {source}")
+        return 0
+    except vgg16.FetchError as e:
         print(
-            "Could not download the ImageNet VGG16 weights:\n" + "\n".join(errors) + "\n"
-            f"Download VGG_ILSVRC_16_layers.caffemodel (Caffe model zoo, about 528 MB) on a connected\n"
-            f"machine, put it at {args.out} and run `make vgg16` again to validate it; or pass\n"
-            "VGG16=/path/to/file to make. Without it, stage 1 can run only with FROM_SCRATCH=1.",
+            "Could not get the ImageNet VGG16 weights. Tried, in order:\n"
+            + "\n".join(f"  {url}\n    -> {why}" for url, why in e.attempts)
+            + "\n"
+            + manual_help(args.out),
             file=sys.stderr,
         )
         return 1
-    except CaffeInputError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (CaffeInputError, OSError) as e:
+        print(f"fetch_vgg16: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("fetch_vgg16: interrupted (no partial file was kept)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
