@@ -2,11 +2,15 @@
 # `make setup`: the Python environment and a real BVLC Caffe with pycaffe.
 #
 #   1. .venv with the pinned requirements (requirements.txt);
-#   2. BVLC Caffe 1.0 from Debian's source package caffe 1.0.0+git20180821.99bd997-8 (upstream commit
-#      99bd997 plus Debian's OpenCV-4/Python-3/CMake patches), fetched through the Debian archive
-#      this machine's apt is already configured with, patched for protobuf >= 3.21 and built with
-#      the Python layer into a cache OUTSIDE the repository, keyed by Caffe version + build options +
-#      Python version (SPEC section 2);
+#   2. BVLC Caffe, from the first source of this chain that works (docs/install.md):
+#        CAFFE_ROOT  an existing build (nothing is built);
+#        CAFFE_SRC   a BVLC Caffe source folder or tarball you have (1.0 release or a later commit);
+#        Debian's source package caffe 1.0.0+git20180821.99bd997-8, through this machine's Debian
+#                    archive or DEBIAN_MIRROR (Debian carries it in bullseye only);
+#        the upstream repository's tarball at a pinned commit, checked against a pinned digest;
+#      patched by the project's own patch set (redseg/caffe_source.py) and built with the Python
+#      layer into a cache OUTSIDE the repository, keyed by source + patch set + build options +
+#      Python version;
 #   3. a .pth file so that `import caffe` and the project's own modules work inside .venv.
 #
 # Idempotent: a finished build carries a `.complete` stamp; a build directory without it is deleted
@@ -14,11 +18,13 @@
 #
 # Environment variables (all optional):
 #   CAFFE_ROOT      use this already-built Caffe (the folder holding python/caffe) instead of building
+#   CAFFE_SRC       build from this BVLC Caffe source folder or tarball (.tar.gz/.tar.bz2/.tar.xz)
 #   REDSEG_CACHE    build cache (default: ${XDG_CACHE_HOME:-$HOME/.cache}/redseg)
 #   PYTHON          interpreter that creates .venv (default: python3)
 #   JOBS            parallel compile jobs (default: nproc)
 #   DEBIAN_MIRROR   Debian archive URI to fetch the source from (default: read from apt's sources)
 #   LINK_VENV=0     build and check the import, but leave .venv pointing at the Caffe it had
+#   SETUP_SOURCE_ONLY=1  stop once the patched source is in place (prints its folder; no build)
 #   CUDA=1          build with CUDA, without cuDNN (docs/gpu.md): CUDA_ROOT (toolkit root; default: the nvcc on
 #                   PATH, completed with cuBLAS/cuRAND wheels if it lacks them), CUDA_ARCH_BIN ("75 90"),
 #                   CUDA_ARCH_PTX (90)
@@ -26,7 +32,6 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CAFFE_DEB_VERSION=1.0.0+git20180821.99bd997-8
-CAFFE_SRC_NAME=caffe-1.0.0+git20180821.99bd997
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-$REPO/.venv}
 CACHE=${REDSEG_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/redseg}
@@ -107,10 +112,18 @@ debian_uri() {
   done
 }
 
-fetch_source() { # $1 = build dir
-  local dir=$1 uri aptdir
+# The project's source helper (standard library only): digests, unpacking, download, patches.
+srcpy() { PYTHONPATH="$REPO" "$VENV/bin/python" -m redseg.caffe_source "$@"; }
+
+# Each fetch_* puts a Caffe tree at $2 or returns non-zero with the reason in FETCH_ERROR.
+fetch_debian() { # $1 = build dir, $2 = where the tree goes
+  local dir=$1 dest=$2 uri aptdir
   uri=$(debian_uri | grep -E '/debian/?$' | head -n1 || true)
-  [ -n "$uri" ] || die "no Debian archive found in /etc/apt/sources*; set DEBIAN_MIRROR=<archive URI>"
+  if [ -z "$uri" ]; then
+    FETCH_ERROR="no Debian archive in /etc/apt/sources* and no DEBIAN_MIRROR"
+    return 1
+  fi
+  command -v apt-get >/dev/null || { FETCH_ERROR="apt-get not found" && return 1; }
   aptdir="$dir/apt"
   mkdir -p "$aptdir/lists/partial" "$aptdir/cache/archives/partial"
   # A private apt configuration: a deb-src entry for bullseye (which still ships caffe) with the
@@ -118,27 +131,26 @@ fetch_source() { # $1 = build dir
   echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri bullseye main" >"$aptdir/sources.list"
   local opts=(-o "Dir::Etc::SourceList=$aptdir/sources.list" -o "Dir::Etc::SourceParts=$aptdir/none"
     -o "Dir::State::Lists=$aptdir/lists" -o "Dir::Cache=$aptdir/cache" -o "APT::Sandbox::User=root")
-  log "fetching Debian source package caffe=$CAFFE_DEB_VERSION"
-  apt-get "${opts[@]}" -qq update >"$aptdir/update.log" 2>&1 ||
-    die "could not read the bullseye source index from $uri (log: $aptdir/update.log).
-  Set DEBIAN_MIRROR to a reachable Debian archive, or build Caffe yourself and use CAFFE_ROOT=..."
-  (cd "$dir" && apt-get "${opts[@]}" -qq source "caffe=$CAFFE_DEB_VERSION" >"$aptdir/source.log" 2>&1) ||
-    die "apt-get source caffe=$CAFFE_DEB_VERSION failed (log: $aptdir/source.log)"
-  [ -d "$dir/$CAFFE_SRC_NAME" ] || die "unpacked source not found at $dir/$CAFFE_SRC_NAME"
+  log "fetching Debian source package caffe=$CAFFE_DEB_VERSION from $uri"
+  if ! apt-get "${opts[@]}" -qq update >"$aptdir/update.log" 2>&1; then
+    FETCH_ERROR="could not read the bullseye source index from $uri ($(grep -m1 -E '^(E|Err):' "$aptdir/update.log" || tail -n1 "$aptdir/update.log"))"
+    return 1
+  fi
+  if ! (cd "$dir" && apt-get "${opts[@]}" -qq source "caffe=$CAFFE_DEB_VERSION" >"$aptdir/source.log" 2>&1); then
+    FETCH_ERROR="apt-get source caffe=$CAFFE_DEB_VERSION failed from $uri ($(grep -m1 '^E:' "$aptdir/source.log" || tail -n1 "$aptdir/source.log"))"
+    return 1
+  fi
+  mv "$dir/caffe-${CAFFE_DEB_VERSION%-*}" "$dest" 2>/dev/null || { FETCH_ERROR="unpacked Debian source not found in $dir" && return 1; }
 }
 
-patch_source() { # $1 = source dir; the small changes this toolchain needs (SPEC section 2)
-  local src=$1
-  # protobuf >= 3.21: SetTotalBytesLimit takes one argument.
-  sed -i 's/SetTotalBytesLimit(kProtoReadBytesLimit, 536870912)/SetTotalBytesLimit(kProtoReadBytesLimit)/' \
-    "$src/src/caffe/util/io.cpp"
-  grep -q 'SetTotalBytesLimit(kProtoReadBytesLimit)' "$src/src/caffe/util/io.cpp" ||
-    die "protobuf patch did not apply to $src/src/caffe/util/io.cpp"
-  if [ "$CUDA" = 1 ]; then
-    # CUDA 13 removed three cudaDeviceProp fields that Caffe::DeviceQuery only prints.
-    sed -i -e 's/prop\.clockRate/0/' -e 's/prop\.deviceOverlap/false/' -e 's/prop\.kernelExecTimeoutEnabled/false/' \
-      "$src/src/caffe/common.cpp"
-  fi
+fetch_upstream() { # $1 = build dir, $2 = where the tree goes
+  log "downloading the pinned upstream BVLC Caffe source${REDSEG_CAFFE_URL:+ from $REDSEG_CAFFE_URL}"
+  FETCH_ERROR=$(srcpy download "$2" 2>&1 >/dev/null) || return 1
+}
+
+fetch_user_src() { # $1 = build dir, $2 = where the tree goes
+  FETCH_ERROR=$(srcpy get "$CAFFE_SRC" "$2" 2>&1) || return 1
+  log "$FETCH_ERROR"
 }
 
 # A CUDA toolkit root for CMake: the nvcc toolkit itself when it has cuBLAS and cuRAND, otherwise
@@ -188,50 +200,107 @@ assemble_cuda_root() {
   CUDA_ROOT=$root
 }
 
+caffe_variant() {
+  if [ "$CUDA" = 1 ]; then
+    echo "cuda$("$CUDA_ROOT/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')-sm${CUDA_ARCH_BIN// /_}"
+  else
+    echo cpu
+  fi
+}
+
+# Pick the source (chain above), patch it and build it; sets CAFFE_PY. A build folder is named
+#   $CACHE/caffe-<source>-p<patch set>-<variant>-py<X.Y>
 build_caffe() {
-  local pyver variant key dir src
+  local pyver variant patchset suffix label dir src tried=() fetch
   pyver=$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
   if [ "$CUDA" = 1 ]; then
     [ -n "${CUDA_ROOT:-}" ] || assemble_cuda_root
     [ -x "$CUDA_ROOT/bin/nvcc" ] || die "no nvcc at $CUDA_ROOT/bin/nvcc"
-    variant="cuda$("$CUDA_ROOT/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')-sm${CUDA_ARCH_BIN// /_}"
+  fi
+  variant=$(caffe_variant)
+  patchset=$(srcpy patchset) || die "redseg/caffe_source.py does not run under $VENV/bin/python"
+  suffix="p$patchset-$variant-py$pyver"
+  local upstream_label
+  upstream_label="bvlc-$(PYTHONPATH="$REPO" "$VENV/bin/python" -c 'from redseg.caffe_source import UPSTREAM_COMMIT as c; print(c[:7])')"
+  local candidates=()
+  if [ -n "${CAFFE_SRC:-}" ]; then
+    label=$(srcpy key "$CAFFE_SRC" 2>&1) || die "${label#setup: ERROR: }"
+    candidates=("$label:fetch_user_src")
   else
-    variant=cpu
+    candidates=("debian-$CAFFE_DEB_VERSION:fetch_debian" "$upstream_label:fetch_upstream")
+    # A finished build from any source of the chain is used as it is.
+    for c in "${candidates[@]}"; do
+      dir="$CACHE/caffe-${c%%:*}-$suffix"
+      if [ -f "$dir/.complete" ] && [ "${SETUP_SOURCE_ONLY:-0}" != 1 ]; then
+        CAFFE_PY="$dir/src/python"
+        log "Caffe already built: $dir"
+        return 0
+      fi
+    done
   fi
-  key="$CAFFE_DEB_VERSION-$variant-py$pyver"
-  dir="$CACHE/caffe-$key"
-  src="$dir/$CAFFE_SRC_NAME"
-  CAFFE_PY="$src/python"
-  if [ -f "$dir/.complete" ]; then
-    log "Caffe already built: $dir"
+  for c in "${candidates[@]}"; do
+    label=${c%%:*}
+    fetch=${c#*:}
+    dir="$CACHE/caffe-$label-$suffix"
+    src="$dir/src"
+    CAFFE_PY="$src/python"
+    if [ -f "$dir/.complete" ] && [ "${SETUP_SOURCE_ONLY:-0}" != 1 ]; then
+      log "Caffe already built: $dir"
+      return 0
+    fi
+    [ -e "$dir" ] && log "removing unfinished build $dir" && rm -rf "$dir"
+    mkdir -p "$dir"
+    if ! "$fetch" "$dir" "$src"; then
+      FETCH_ERROR=${FETCH_ERROR//setup: ERROR: /}
+      [ -n "${CAFFE_SRC:-}" ] && rm -rf "$dir" && die "$FETCH_ERROR"
+      tried+=("$label: $FETCH_ERROR")
+      rm -rf "$dir"
+      continue
+    fi
+    # The tree as fetched, before the patches: provenance, and what the tests re-patch and compare.
+    tar -czf "$dir/source.tar.gz" -C "$dir" src || die "could not write $dir/source.tar.gz"
+    srcpy patch "$src" || die "patching the Caffe source in $src failed (see above)"
+    if [ "${SETUP_SOURCE_ONLY:-0}" = 1 ]; then
+      log "source ready: $src"
+      exit 0
+    fi
+    compile_caffe "$dir" "$src" "$label" "$variant" "$pyver"
     return 0
-  fi
-  [ -e "$dir" ] && log "removing unfinished build $dir" && rm -rf "$dir"
-  mkdir -p "$dir"
-  fetch_source "$dir"
-  patch_source "$src"
-  local buildlog="$dir/build.log"
+  done
+  local msg="no Caffe source could be had. Tried, in order:"
+  for t in "${tried[@]}"; do msg+=$'\n'"  - $t"; done
+  die "$msg
+  Do one of these, then run make setup again:
+    make setup CAFFE_SRC=/path/to/caffe   (a BVLC Caffe source folder or tarball, e.g. from
+        https://github.com/BVLC/caffe/archive/refs/tags/1.0.tar.gz, fetched on another machine)
+    make setup DEBIAN_MIRROR=<a Debian archive URI that still serves bullseye>
+    make setup CAFFE_ROOT=/path/to/built/caffe"
+}
+
+compile_caffe() { # $1 build dir, $2 source, $3 source label, $4 variant, $5 python version
+  local dir=$1 src=$2 buildlog="$1/build.log"
   local cmake_args=(-DUSE_OPENCV=OFF -DUSE_LEVELDB=OFF -DUSE_LMDB=OFF -DBUILD_python=ON
     -DBUILD_python_layer=ON -Dpython_version=3 -DBLAS=Open -DBUILD_docs=OFF
-    "-DPYTHON_EXECUTABLE=$VENV/bin/python" -DCMAKE_BUILD_TYPE=Release)
+    "-DPYTHON_EXECUTABLE=$VENV/bin/python" -DCMAKE_BUILD_TYPE=Release
+    -DCMAKE_POLICY_VERSION_MINIMUM=3.5) # Caffe asks for CMake 2.8; CMake >= 4 needs this to accept it
   if [ "$CUDA" = 1 ]; then
     cmake_args+=(-DCPU_ONLY=OFF -DUSE_CUDNN=OFF "-DCUDA_TOOLKIT_ROOT_DIR=$CUDA_ROOT" -DCUDA_ARCH_NAME=Manual
       "-DCUDA_ARCH_BIN=$CUDA_ARCH_BIN" "-DCUDA_ARCH_PTX=$CUDA_ARCH_PTX")
   else
     cmake_args+=(-DCPU_ONLY=ON)
   fi
-  log "building Caffe ($variant, $JOBS jobs; a few minutes; log: $buildlog)"
+  log "building Caffe ($3, $4, $JOBS jobs; a few minutes; log: $buildlog)"
   mkdir -p "$src/build"
   (cd "$src/build" && cmake "${cmake_args[@]}" .. && make -j"$JOBS" pycaffe) >"$buildlog" 2>&1 ||
     die "Caffe build failed; the last lines of $buildlog:
 $(tail -n 15 "$buildlog")"
-  ls "$CAFFE_PY"/caffe/_caffe*.so >/dev/null 2>&1 || die "build finished but $CAFFE_PY/caffe/_caffe.so is missing"
+  ls "$src"/python/caffe/_caffe*.so >/dev/null 2>&1 || die "build finished but $src/python/caffe/_caffe.so is missing"
   if [ "$CUDA" = 1 ] && ! grep -q cudaGetDeviceCount "$src"/build/lib/libcaffe.so* 2>/dev/null; then
     # Caffe's CMake quietly falls back to CPU_ONLY when it does not find CUDA: never pass that off.
     die "CUDA=1, but CMake built Caffe without CUDA (toolkit not found under $CUDA_ROOT); see $buildlog"
   fi
-  printf 'caffe %s\nvariant %s\npython %s\nbuilt %s\n' "$CAFFE_DEB_VERSION" "$variant" "$pyver" "$(date -u +%FT%TZ)" \
-    >"$dir/.complete"
+  printf 'source %s\npatches %s\nvariant %s\npython %s\nbuilt %s\n' "$3" "$(srcpy patchset)" "$4" "$5" \
+    "$(date -u +%FT%TZ)" >"$dir/.complete"
   log "Caffe built in $dir"
 }
 
