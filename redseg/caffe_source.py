@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import logging
 import os
 import re
@@ -232,7 +233,7 @@ PATCHES = (
     Patch(
         "protobuf-3.21",
         "src/caffe/util/io.cpp",
-        "protobuf >= 3.21 removed the two-argument CodedInputStream::SetTotalBytesLimit",
+        "protobuf >= 3.18 removed the two-argument SetTotalBytesLimit (the one-argument form exists since 3.6)",
         _protobuf_321,
     ),
     Patch(
@@ -251,11 +252,16 @@ PATCHES = (
 
 
 def patchset_id() -> str:
-    """A short hash of this module's patch set, part of the build cache key (new patches, new build)."""
-    text = Path(__file__).read_text()
-    start = text.index("# --- the patch set")
-    end = text.index("def patchset_id")
-    return hashlib.sha256(text[start:end].encode()).hexdigest()[:8]
+    """A short hash of what the patches do, part of the build cache key (new patches, new build).
+
+    It covers each patch's name, file and code and the text it inserts, not the explanations, so
+    rewording a comment does not force a rebuild.
+    """
+    h = hashlib.sha256()
+    for p in PATCHES:
+        h.update(f"{p.name}\0{p.file}\0{inspect.getsource(p.apply)}".encode())
+    h.update(f"{_CUDA13_FIELDS}{_BOOST_PYTHON}".encode())
+    return h.hexdigest()[:8]
 
 
 def apply_patches(root: Path) -> list[str]:
