@@ -39,6 +39,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from redseg import blas
 from redseg import config as C
 from redseg.caffe_utils import REPO, import_caffe, set_mode
 
@@ -588,6 +589,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
             "tool": "tools/benchmark.py",
             "size": list(cfg.size),
             "machine": machine_info(cfg.gpu),
+            "blas": blas.describe(),  # which OpenBLAS kernels Caffe runs (redseg/blas.py)
             "settings": {k: v for k, v in asdict(cfg).items() if k not in ("workdir", "extra")},
             "stages": {},
         }
@@ -650,6 +652,7 @@ def format_report(result: dict, top_layers: int = 12) -> str:
         f"Red-Seg benchmark at {w}x{h} (W x H), {m['mode']}, {m.get('cpu')} ({m.get('usable_cpus')} usable CPUs)",
         f"load average at start {m.get('loadavg_start')}, at end {m.get('loadavg_end')}; "
         f"{result['elapsed_s']:.0f} s in all",
+        result["blas"]["summary"] if result.get("blas") else "BLAS: not recorded",
         "",
         f"{'measurement':44s} median (IQR, runs)",
     ]

@@ -24,6 +24,9 @@ class CaffeInputError(ValueError):
 
 def import_caffe(verbose: bool = False):
     """Import pycaffe with glog's INFO chatter off (unless ``verbose``) and our layers importable."""
+    from redseg import blas
+
+    blas.configure()  # OpenBLAS reads OPENBLAS_CORETYPE once, when Caffe loads it: first (redseg/blas.py)
     if not verbose:
         os.environ.setdefault("GLOG_minloglevel", "2")
     for p in (str(REPO), str(REPO / "python_layers")):

@@ -13,6 +13,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("GLOG_minloglevel", "2")
 
+from redseg import blas  # noqa: E402
+
+blas.configure()  # before any test module imports Caffe (OpenBLAS picks its kernels when it loads)
+
 from redseg.caffe_utils import import_caffe  # noqa: E402
 
 

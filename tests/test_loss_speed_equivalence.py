@@ -310,3 +310,4 @@ def test_benchmark_tool_runs_and_writes_the_json(tmp_path, venv_python):
         assert {"conv1_1", "loss_ma_fuse", "loss_he_conv5"} <= names
     assert r["data_layer_ms"]["median"] > 0 and r["forward_s"]["median"] > 0 and r["scoring_s"]["median"] > 0
     assert r["peak_rss_mb"] > 0 and r["targets"]["applies"] is False
+    assert r["blas"]["summary"] in proc.stdout and r["blas"]["core"], r["blas"]  # redseg/blas.py

@@ -323,6 +323,8 @@ import caffe
 assert "Python" in caffe.layer_type_list(), "this Caffe was built without the Python layer"
 print("setup: import caffe OK (%s)" % caffe.__file__)' ||
     die "import caffe fails inside $VENV (see the error above)"
+  # The OpenBLAS core for this CPU, checked against numpy; applied before every Caffe import (redseg/blas.py)
+  "$VENV/bin/python" -m redseg.blas --setup || log "BLAS check failed: Caffe keeps OpenBLAS's default kernels"
 }
 
 main() {
