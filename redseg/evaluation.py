@@ -504,15 +504,18 @@ def render_report(result: dict) -> str:
         "",
         summary_table(result),
         "",
-        "- **AUC_PR (protocol)**: the authors' IDRiD protocol (SPEC section 1, paper section 3.3): "
+        "- **AUC_PR (protocol)**: the protocol of the authors' IDRiD evaluation code, released later "
+        "with another paper of theirs (SEBNet), not stated in the Red-Seg paper, whose section 3.3 only "
+        "defines AUC_PR as the area under the P-R curve (docs/method.md#the-released-protocol): "
         f"{meta['protocol_thresholds']} thresholds t = i/30, TP/FP/FN pooled over all images, trapezoid "
         "over recall. This is the number to compare with the paper's AUC_PR (Tables 2, 3, 4).",
         "- **AP (exact)**: step-wise average precision over all 256 8-bit thresholds "
         "(= sklearn average_precision_score on the pooled pixels); a check that the 31-point "
         "protocol is not flattering or penalising the maps.",
-        "- **@BE**: at the break-even threshold (|P - R| smallest). Every P in the paper's Table 2 is "
-        "within 0.01 of its R, so **Table 2's P and R correspond to our break-even columns**, not to "
-        "t = 0.5.",
+        "- **@BE**: at the break-even threshold (|P - R| smallest). The paper does not say at which "
+        "threshold its Table 2 reads P and R; every P there is within 0.01 of its R, so **we read "
+        "Table 2's P and R as break-even values** and compare them with these columns, not with "
+        "t = 0.5. This is our reading, not the paper's statement (docs/method.md#p-and-r-at-break-even).",
         "- **@0.5**: at t = 0.5 (8-bit value >= 128), where the authors' protocol reads F1 and IoU.",
         f"- Threshold rule: {meta['threshold_rule']}.",
     ]
