@@ -42,7 +42,7 @@ fi
 # What a real machine has that a bare chroot lacks: name resolution, the kernel's file systems, and
 # the machine's own package-index configuration (never written into the project).
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
-for f in /etc/pip.conf /etc/xdg/pip/pip.conf; do
+for f in /etc/pip.conf; do
   [ -f "$f" ] && mkdir -p "$ROOT$(dirname "$f")" && cp "$f" "$ROOT$f"
 done
 mounts=()
