@@ -45,6 +45,8 @@ cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 for f in /etc/pip.conf; do
   [ -f "$f" ] && mkdir -p "$ROOT$(dirname "$f")" && cp "$f" "$ROOT$f"
 done
+# Certificate authorities this machine added locally (e.g. a proxy's), for HTTPS inside the chroot.
+local_cas=$(ls /usr/local/share/ca-certificates/*.crt 2>/dev/null || true)
 mounts=()
 for m in proc sys dev dev/pts; do
   mountpoint -q "$ROOT/$m" || { mount --bind "/$m" "$ROOT/$m" && mounts=("$ROOT/$m" "${mounts[@]}"); }
@@ -58,6 +60,12 @@ minutes() { awk -v s="$1" 'BEGIN { printf "%.1f", s / 60 }'; }
 
 say "README's prerequisites: $prereq"
 in_root "apt-get update -qq && DEBIAN_FRONTEND=noninteractive $prereq" >>"$LOG" 2>&1 || die "prerequisites failed (log: $LOG)"
+if [ -n "$local_cas" ]; then
+  mkdir -p "$ROOT/usr/local/share/ca-certificates"
+  # shellcheck disable=SC2086
+  cp $local_cas "$ROOT/usr/local/share/ca-certificates/"
+  in_root "update-ca-certificates" >>"$LOG" 2>&1 || die "update-ca-certificates failed (log: $LOG)"
+fi
 rm -rf "$ROOT/root/redseg"
 git clone -q "$REPO" "$ROOT/root/redseg"
 say "cloned $(git -C "$REPO" rev-parse --short HEAD) into $ROOT/root/redseg"
