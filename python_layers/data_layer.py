@@ -22,7 +22,7 @@ from pathlib import Path
 import caffe
 import numpy as np
 
-from redseg.data import load_sample, mean_bgr, read_list
+from redseg.prepared_set import load_sample, mean_bgr, read_list
 
 DEFAULTS = dict(list=None, shuffle=True, seed=1, cache=True, mean=None)
 
@@ -97,7 +97,7 @@ class RedSegData(caffe.Layer):
 
     def forward(self, bottom, top):
         chw, ma, he = self.current
-        # BGR minus the per-channel mean (as redseg.data.image_blob), straight into the top blob.
+        # BGR minus the per-channel mean (as redseg.prepared_set.image_blob), straight into the top blob.
         np.subtract(chw, self.mean.reshape(3, 1, 1), out=top[0].data[0], dtype=np.float32)
         top[1].data[0, 0] = ma
         top[2].data[0, 0] = he

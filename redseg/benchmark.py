@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import json
 import logging
 import os
 import platform
@@ -42,6 +41,8 @@ import numpy as np
 from redseg import blas
 from redseg import config as C
 from redseg.caffe_utils import REPO, import_caffe, set_mode
+from redseg.fileio import mark_complete, write_image, write_json
+from redseg.prepared_set import list_path, read_list, read_mask, write_list
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ def make_benchmark_set(root: Path, size: tuple[int, int], n_train: int, n_test: 
     """
     h, w = size
     rng = np.random.default_rng(seed)
-    lines: dict[str, list[str]] = {"train": [], "test": []}
+    lines: dict[str, list[list[str]]] = {"train": [], "test": []}
     mean_acc = np.zeros(3)
     n_test_scenes = min(n_test, 2)
     for split, n, scenes in (("train", n_train, n_train), ("test", n_test, n_test_scenes)):
@@ -194,14 +195,13 @@ def make_benchmark_set(root: Path, size: tuple[int, int], n_train: int, n_test: 
                 mean_acc += img.reshape(-1, 3).mean(axis=0)
             paths = [f"{split}/images/{name}.png", f"{split}/masks/{name}_MA.png", f"{split}/masks/{name}_HE.png"]
             for rel, arr in zip(paths, (img, ma.astype(np.uint8) * 255, he.astype(np.uint8) * 255), strict=True):
-                if not cv2.imwrite(str(root / rel), arr):
-                    raise OSError(f"cannot write {root / rel}")
-            lines[split].append("\t".join(paths))
-    for split, ls in lines.items():
-        (root / f"{split}.txt").write_text("\n".join(ls) + "\n")
+                write_image(root / rel, arr)
+            lines[split].append(paths)
+    for split, rows in lines.items():
+        write_list(list_path(root, split), rows)
     meta = {"mean_bgr": [round(v, 4) for v in (mean_acc / max(n_train, 1)).tolist()], "factor": 1, "size": [w, h]}
-    (root / "meta.json").write_text(json.dumps(meta))
-    (root / ".complete").write_text("")
+    write_json(root / "meta.json", meta)
+    mark_complete(root)
     return root
 
 
@@ -210,15 +210,11 @@ def make_prediction_maps(root: Path, pred_dir: Path, seed: int = 0) -> int:
     rng = np.random.default_rng(seed)
     pred_dir.mkdir(parents=True, exist_ok=True)
     n = 0
-    for line in (root / "test.txt").read_text().splitlines():
-        if not line.strip():
-            continue
-        image, *masks = line.split("\t")
-        name = Path(image).stem
-        for les, rel in zip(C.LESIONS, masks, strict=True):
-            m = cv2.imread(str(root / rel), cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255
+    for sample in read_list(list_path(root, "test")):
+        for les, path in sample.masks.items():
+            m = read_mask(path).astype(np.float32)
             p = cv2.GaussianBlur(m, (0, 0), 2.0) * 0.8 + rng.random(m.shape, dtype=np.float32) * 0.3
-            cv2.imwrite(str(pred_dir / f"{name}_{les.lower()}.png"), np.clip(p * 255, 0, 255).astype(np.uint8))
+            write_image(pred_dir / f"{sample.name}_{les.lower()}.png", np.clip(p * 255, 0, 255).astype(np.uint8))
         n += 1
     return n
 
@@ -400,7 +396,7 @@ def _time_reference(net, idx: list[int], ref, stage: int, repeats: int) -> list[
 def time_stage(cfg: BenchConfig, stage: int, data_root: Path, workdir: Path, ref) -> dict:
     """Iterations, per-layer table, loss layers (and reference), data layer of one training stage."""
     caffe = import_caffe()
-    solver_path = _write_stage(workdir, stage, (data_root / "train.txt").resolve(), cfg.gpu is not None)
+    solver_path = _write_stage(workdir, stage, list_path(data_root, "train").resolve(), cfg.gpu is not None)
     solver = caffe.get_solver(str(solver_path))
     net = solver.net
     timer = LayerTimer(net)

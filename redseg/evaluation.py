@@ -17,7 +17,6 @@ See docs/data_format.md for both layouts and docs/evaluation.md for the choices 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import os
@@ -39,14 +38,11 @@ from redseg.config import (
     PAPER_RESULTS,
     PROTOCOL_THRESHOLDS,
 )
+from redseg.fileio import write_bytes, write_image, write_json, write_text
+from redseg.prepared_set import DataError, downsample_mask, list_path, read_list, read_mask, read_meta, require_complete
 
 log = logging.getLogger(__name__)
 
-OFFICIAL_SEGMENTATION = C.IDRID_SEG_DIR
-OFFICIAL_IMAGES_TEST = (C.IDRID_IMAGES_DIR, C.IDRID_SPLIT_DIRS["test"])
-OFFICIAL_GT_TEST = (C.IDRID_GT_DIR, C.IDRID_SPLIT_DIRS["test"])
-PREPARED_LIST = "test.txt"
-PREPARED_COMPLETE = ".complete"
 MASK_EXTS = (".tif", ".tiff", ".png")
 PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
@@ -73,7 +69,7 @@ GT_OUTLINE_BGR = {"MA": (255, 255, 0), "HE": (0, 255, 0)}  # cyan, green
 GT_OUTLINE_NAME = {"MA": "cyan", "HE": "green"}
 
 
-class EvaluationError(ValueError):
+class EvaluationError(DataError):
     """Bad input to the evaluation (a path that is not ground truth, a missing prediction...)."""
 
 
@@ -113,15 +109,15 @@ def find_ground_truth(gt: str | os.PathLike) -> GroundTruth:
         if path.suffix.lower() == ".txt":
             return _prepared(path)
         raise EvaluationError(f"ground truth {path} is a file but not a prepared set's list file (.txt)")
-    if (path / OFFICIAL_SEGMENTATION).is_dir():
-        return _official(path / OFFICIAL_SEGMENTATION, path)
-    if path.name == OFFICIAL_SEGMENTATION or (path / OFFICIAL_GT_TEST[0]).is_dir():
+    if (path / C.IDRID_SEG_DIR).is_dir():
+        return _official(path / C.IDRID_SEG_DIR, path)
+    if path.name == C.IDRID_SEG_DIR or (path / C.IDRID_GT_DIR).is_dir():
         return _official(path, path)
-    if (path / PREPARED_LIST).is_file():
-        return _prepared(path / PREPARED_LIST)
+    if list_path(path, "test").is_file():
+        return _prepared(list_path(path, "test"))
     raise EvaluationError(
-        f"ground truth {path} is neither the official IDRiD folder (no '{OFFICIAL_SEGMENTATION}' "
-        f"inside) nor a prepared set (no '{PREPARED_LIST}' inside); see docs/data_format.md"
+        f"ground truth {path} is neither the official IDRiD folder (no '{C.IDRID_SEG_DIR}' "
+        f"inside) nor a prepared set (no '{list_path(path, 'test').name}' inside); see docs/data_format.md"
     )
 
 
@@ -134,10 +130,10 @@ def _find_file(folder: Path, stem: str, exts: tuple[str, ...]) -> Path | None:
 
 
 def _official(seg: Path, given: Path) -> GroundTruth:
-    gt_dir = seg.joinpath(*OFFICIAL_GT_TEST)
+    gt_dir = seg / C.IDRID_GT_DIR / C.IDRID_SPLIT_DIRS["test"]
     if not gt_dir.is_dir():
         raise EvaluationError(f"official IDRiD ground truth: test-set mask folder {gt_dir} is missing")
-    img_dir = seg.joinpath(*OFFICIAL_IMAGES_TEST)
+    img_dir = seg / C.IDRID_IMAGES_DIR / C.IDRID_SPLIT_DIRS["test"]
     # Names come from every file present (all lesion kinds and the photos), so an image without
     # any red lesion is still scored (all background) and no fixed list IDRiD_55..81 is required.
     names: set[str] = set()
@@ -171,54 +167,16 @@ def _official(seg: Path, given: Path) -> GroundTruth:
 
 def _prepared(list_file: Path) -> GroundTruth:
     folder = list_file.parent
-    if not (folder / PREPARED_COMPLETE).is_file():
-        raise EvaluationError(
-            f"prepared set {folder} is incomplete (no {PREPARED_COMPLETE} marker); rerun tools/prepare_idrid.py"
-        )
-    images: list[GtImage] = []
-    for lineno, raw in enumerate(list_file.read_text().splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split("\t")
-        if len(parts) != 1 + len(LESIONS):
-            raise EvaluationError(
-                f"{list_file}:{lineno}: expected {1 + len(LESIONS)} tab-separated paths "
-                f"(image, {', '.join(LESIONS)} masks), got {len(parts)}"
-            )
-        image = folder / parts[0]
-        masks = {}
-        for les, rel in zip(LESIONS, parts[1:], strict=True):
-            mask = folder / rel
-            if not mask.is_file():
-                raise EvaluationError(f"{list_file}:{lineno}: {les} mask {mask} does not exist")
-            masks[les] = mask
-        images.append(GtImage(image.stem, masks, image if image.is_file() else None))
-    if not images:
-        raise EvaluationError(f"prepared set list {list_file} names no image")
+    require_complete(folder)
+    images = [GtImage(s.name, s.masks, s.image) for s in read_list(list_file)]
     info: dict = {"list": str(list_file)}
-    meta_file = folder / "meta.json"
-    if meta_file.is_file():
+    if (folder / "meta.json").is_file():
         try:
-            meta = json.loads(meta_file.read_text())
+            meta = read_meta(folder)
             info.update({k: meta[k] for k in ("factor", "size", "mask_rule", "source") if k in meta})
-        except (OSError, ValueError) as e:
-            log.warning("cannot read %s: %s", meta_file, e)
+        except DataError as e:
+            log.warning("%s", e)
     return GroundTruth("prepared", list_file, images, info)
-
-
-def read_mask(path: Path) -> np.ndarray:
-    """A mask file as a bool map: lesion where any channel is non-zero (colour TIFF or 0/255 PNG)."""
-    m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if m is None:
-        raise EvaluationError(f"cannot read mask {path}")
-    if m.ndim == 3:
-        chans = cv2.split(m)  # bitwise OR of the channels is ~15x faster than m.max(axis=2)
-        acc = chans[0]
-        for c in chans[1:]:
-            acc = cv2.bitwise_or(acc, c)
-        m = acc
-    return m != 0
 
 
 def read_prediction(path: Path) -> np.ndarray:
@@ -238,21 +196,6 @@ def read_prediction(path: Path) -> np.ndarray:
 def prediction_path(pred_dir: Path, name: str, lesion: str) -> Path:
     """``<pred>/<image>_ma.png`` / ``_he.png`` (docs/data_format.md)."""
     return Path(pred_dir) / f"{name}_{lesion.lower()}.png"
-
-
-def downsize_any(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Resize a bool mask to ``shape`` (h, w) with the "any" rule.
-
-    A low-resolution pixel is lesion if any full-resolution pixel it covers is: pixel-area
-    averaging (cv2.INTER_AREA) of the 0/1 map, then > 0. Tiny MA survive, which nearest
-    neighbour would drop. Enlarging (unusual) uses nearest neighbour.
-    """
-    h, w = shape
-    if mask.shape == (h, w):
-        return mask
-    if h <= mask.shape[0] and w <= mask.shape[1]:
-        return cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0
-    return cv2.resize(mask.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
 
 
 # --- scoring ------------------------------------------------------------------------------------
@@ -290,7 +233,7 @@ def evaluate(
     ``overlays/<image>.png``. Returns the content of metrics.json: ``{"MA": {...}, "HE": {...},
     "meta": {...}}``, each lesion with ``auc_pr``, ``ap``, ``at_0.5``, ``break_even``, ``n_pos``,
     ``n_neg``, ``curves``; undefined values (no lesion pixel) are None. Raises
-    ``EvaluationError`` for bad input, before anything is written.
+    ``DataError`` (``EvaluationError`` is one) for bad input, before anything is written.
     """
     start = time.perf_counter()
     pred_dir = Path(pred_dir)
@@ -336,7 +279,7 @@ def evaluate(
                 missing_masks[les].append(item.name)
             if at_pred_size:
                 shape = pred.shape
-                mask = np.zeros(shape, bool) if mask is None else downsize_any(mask, shape)
+                mask = np.zeros(shape, bool) if mask is None else downsample_mask(mask, shape)
                 n_resized += pred.shape != ref
             else:
                 if mask is None:
@@ -400,13 +343,13 @@ def evaluate(
         (out_dir / "overlays").mkdir(exist_ok=True)
     for item, preds_small, gts_small in overlay_data:
         path = out_dir / "overlays" / f"{item.name}.png"
-        _write_png(path, draw_overlay(item, preds_small, gts_small))
+        write_image(path, draw_overlay(item, preds_small, gts_small))
         outputs["overlays"].append(str(path))
-    _write_bytes(out_dir / "pr_curves.png", plot_curves(result))
+    write_bytes(out_dir / "pr_curves.png", plot_curves(result))
     result["meta"]["seconds"] = round(time.perf_counter() - start, 2)
     safe = _json_safe(result)
-    _write_bytes(out_dir / "report.md", render_report(safe).encode())
-    _write_bytes(out_dir / "metrics.json", (json.dumps(safe, indent=1) + "\n").encode())
+    write_text(out_dir / "report.md", render_report(safe))
+    write_json(out_dir / "metrics.json", safe)
     log.info("wrote %s", out_dir / "report.md")
     return safe
 
@@ -426,24 +369,6 @@ def _check_aspect(name: str, pred_shape: tuple[int, ...], label_shape: tuple[int
 
 
 # --- outputs ------------------------------------------------------------------------------------
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file and os.replace, so a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_png(path: Path, img: np.ndarray) -> None:
-    ok, buf = cv2.imencode(".png", img)
-    if not ok:
-        raise OSError(f"cannot encode {path}")
-    _write_bytes(path, buf.tobytes())
 
 
 def _json_safe(obj):
@@ -673,7 +598,7 @@ def _overlay_inputs(preds: dict, gts: dict) -> tuple[dict, dict]:
         shape = _overlay_shape(preds[les].shape)
         p = preds[les]
         small_p[les] = p if p.shape == shape else cv2.resize(p, shape[::-1], interpolation=cv2.INTER_AREA)
-        small_g[les] = downsize_any(gts[les], shape)
+        small_g[les] = downsample_mask(gts[les], shape)
     return small_p, small_g
 
 
@@ -698,7 +623,7 @@ def draw_overlay(item: GtImage, preds: dict, gts: dict) -> np.ndarray:
         heat[..., 2] = 255.0
         alpha = np.clip(4.0 * (p - 0.5), 0.0, 0.9)[..., None]
         panel = (photo.astype(np.float32) * (1.0 - alpha) + heat * alpha).astype(np.uint8)
-        gt = gts[les] if gts[les].shape == shape else downsize_any(gts[les], shape)
+        gt = gts[les] if gts[les].shape == shape else downsample_mask(gts[les], shape)
         contours, _ = cv2.findContours(gt.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(panel, contours, -1, GT_OUTLINE_BGR[les], 1)
         label = f"{item.name} {les}: prediction p>0.5 magenta->white, gt {GT_OUTLINE_NAME[les]}"

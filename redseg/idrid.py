@@ -55,21 +55,19 @@ import cv2
 import numpy as np
 
 from redseg import config as C
-from redseg.config import ALL_IDRID_LESIONS, AUGMENTATIONS, DOWNSAMPLE, IDRID_LESION_DIRS, LSEG_MEAN_BGR
-from redseg.fsutil import replace_dir
+from redseg.config import ALL_IDRID_LESIONS, AUGMENTATIONS, DOWNSAMPLE, IDRID_LESION_DIRS, LESIONS, LSEG_MEAN_BGR
+from redseg.fileio import COMPLETE, building_dir, is_complete, mark_complete, write_image, write_json, write_text
+from redseg.prepared_set import MASK_RULES, downsample_mask, list_path, mask_from_pixels, write_list
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 GENERATOR = "redseg.idrid.prepare"
-MASK_RULES = ("any", "area", "nearest")
 DEFAULT_LESIONS = ("MA", "HE", "EX", "SE")
-LIST_LESIONS = ("MA", "HE")  # the two columns of a list file after the image
 SEG_DIR = C.IDRID_SEG_DIR
 IMAGES_DIR = C.IDRID_IMAGES_DIR
 GT_DIR = C.IDRID_GT_DIR
 SPLIT_DIRS = C.IDRID_SPLIT_DIRS
-COMPLETE = ".complete"
 PARTIAL = ".partial"  # marker inside a work folder: ours, unfinished
 
 _IMAGE_RE = re.compile(r"^(IDRiD_\d+)\.(jpe?g|png|tiff?|bmp)$", re.IGNORECASE)
@@ -117,27 +115,11 @@ def prepared_size(w: int, h: int, factor: int) -> tuple[int, int]:
     return max(1, math.floor(w / factor + 0.5)), max(1, math.floor(h / factor + 0.5))
 
 
-def downsample_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if img.shape[1::-1] == tuple(size):
+def downsample_image(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """BGR image -> ``shape`` (height, width) by pixel-area averaging (cv2.INTER_AREA)."""
+    if img.shape[:2] == tuple(shape):
         return img.copy()
-    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
-
-
-def downsample_mask(mask: np.ndarray, size: tuple[int, int], rule: str = "any") -> np.ndarray:
-    """Boolean full-resolution mask -> boolean mask of ``size`` (width, height) by ``rule``.
-
-    ``any``: lesion if any covered full-resolution pixel is (area fraction > 0);
-    ``area``: lesion if the covered area is at least half lesion; ``nearest``: the pixel nearest to
-    the low-resolution pixel centre (cv2.INTER_NEAREST_EXACT).
-    """
-    if rule not in MASK_RULES:
-        raise IdridError(f"unknown mask rule {rule!r}; choose one of {', '.join(MASK_RULES)}")
-    if mask.shape[1::-1] == tuple(size):
-        return mask.astype(bool, copy=True)
-    if rule == "nearest":
-        return cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST_EXACT) > 0
-    frac = cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA)
-    return frac > 0 if rule == "any" else frac >= 0.5 - 1e-6
+    return cv2.resize(img, shape[::-1], interpolation=cv2.INTER_AREA)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,11 +316,8 @@ class IdridSource:
         return self._decode(f, cv2.IMREAD_COLOR)
 
     def read_mask(self, f: _File) -> np.ndarray:
-        """Boolean mask: lesion where any colour channel is non-zero (an alpha channel is ignored)."""
-        m = self._decode(f, cv2.IMREAD_UNCHANGED)
-        if m.ndim == 3:
-            return (m[..., :3] != 0).any(axis=2)
-        return m != 0
+        """Boolean mask by the project's one mask rule (redseg.prepared_set.mask_from_pixels)."""
+        return mask_from_pixels(self._decode(f, cv2.IMREAD_UNCHANGED))
 
     def fingerprint_files(self) -> list[list]:
         """What identifies the source's content: every image and mask with size and mtime/CRC."""
@@ -365,9 +344,9 @@ class PrepareOptions:
         bad = [x for x in self.lesions if x not in ALL_IDRID_LESIONS]
         if bad:
             raise IdridError(f"unknown lesion(s) {', '.join(bad)}; choose from {','.join(ALL_IDRID_LESIONS)}")
-        missing = [x for x in LIST_LESIONS if x not in self.lesions]
+        missing = [x for x in LESIONS if x not in self.lesions]
         if missing:
-            raise IdridError(f"--lesions must include {','.join(LIST_LESIONS)} (the list files need them)")
+            raise IdridError(f"--lesions must include {','.join(LESIONS)} (the list files need them)")
         if len(set(self.lesions)) != len(self.lesions):
             raise IdridError(f"--lesions lists a lesion twice: {','.join(self.lesions)}")
 
@@ -442,25 +421,20 @@ def check_output(out: Path, fp: str, options: PrepareOptions, force: bool) -> di
                 "- choose another --out or remove it yourself"
             )
         return None  # an empty folder: used
-    complete = (out / COMPLETE).is_file() and meta is not None
+    complete = is_complete(out) and meta is not None
     if complete and meta.get("fingerprint") == fp and not force:
         return meta
     if force:
         return None
     if not complete:
         raise IdridError(
-            f"--out {out} is an unfinished prepared set (no {COMPLETE}: an interrupted run?); "
+            f"--out {out} is an unfinished prepared set (no {COMPLETE} stamp: an interrupted run?); "
             "rerun with --force to rebuild it"
         )
     old = meta.get("options", {})
     diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in options.as_dict().items() if old.get(k) != v]
     why = "; ".join(diff) if diff else f"the source differs (was {meta.get('source')})"
     raise IdridError(f"--out {out} was prepared differently ({why}); rerun with --force to replace it")
-
-
-def _write_png(path: Path, arr: np.ndarray) -> None:
-    if not cv2.imwrite(str(path), arr):
-        raise OSError(f"could not write {path}")
 
 
 def _summary_md(summary: dict) -> str:
@@ -519,20 +493,11 @@ def prepare(
         if kept is not None:
             log.info("already prepared: %s (same source and options)", out)
             return {**kept, "skipped": True}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        work = out.parent / f"{out.name}.partial-{os.getpid()}"
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir()
-        (work / PARTIAL).write_text(json.dumps({"pid": os.getpid(), "source": str(source.src)}) + "\n")
-        try:
+        with building_dir(out) as work:
+            write_json(work / PARTIAL, {"pid": os.getpid(), "source": str(source.src)}, indent=None)
             meta = _build(source, work, options, fp, tqdm, progress)
-            (work / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")  # last
+            mark_complete(work, time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")  # last
             (work / PARTIAL).unlink()
-            replace_dir(work, out)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
     log.debug("prepared %s", out)
     return meta
 
@@ -546,7 +511,7 @@ def _build(source: IdridSource, work: Path, options: PrepareOptions, fp: str, tq
     bgr_sum = np.zeros(3, np.float64)
     n_pix = 0
     sizes: set[tuple[int, int]] = set()
-    lists: dict[str, list[str]] = {"train": [], "test": []}
+    lists: dict[str, list[list[str]]] = {"train": [], "test": []}
     splits = {
         split: {
             "images": sorted(idx.images[split]),
@@ -565,7 +530,8 @@ def _build(source: IdridSource, work: Path, options: PrepareOptions, fp: str, tq
         h, w = img.shape[:2]
         size = prepared_size(w, h, options.factor)
         sizes.add(size)
-        small = downsample_image(img, size)
+        shape = size[::-1]
+        small = downsample_image(img, shape)
         masks = {}
         s = splits[split]
         for lesion in options.lesions:
@@ -581,7 +547,7 @@ def _build(source: IdridSource, work: Path, options: PrepareOptions, fp: str, tq
                     f"is {w}x{h}; every mask must have its image's size"
                 )
             s["lesion_pixels_full"][lesion] += int(m.sum())
-            masks[lesion] = downsample_mask(m, size, options.mask_rule)
+            masks[lesion] = downsample_mask(m, shape, options.mask_rule)
             s["lesion_pixels_prepared"][lesion] += int(masks[lesion].sum())
             s["images_with_lesion"][lesion] += int(bool(m.any()))
         if split == "train":
@@ -592,21 +558,20 @@ def _build(source: IdridSource, work: Path, options: PrepareOptions, fp: str, tq
             names = [stem]
         for name, aug in zip(names, AUGMENTATIONS if split == "train" else ("id",), strict=True):
             rel_img = f"{split}/images/{name}.png"
-            _write_png(work / rel_img, augment(small, aug))
+            write_image(work / rel_img, augment(small, aug))
             for lesion in options.lesions:
-                _write_png(
+                write_image(
                     work / f"{split}/masks/{name}_{lesion}.png",
                     augment(masks[lesion], aug).astype(np.uint8) * 255,
                 )
-            cols = [rel_img] + [f"{split}/masks/{name}_{x}.png" for x in LIST_LESIONS]
-            lists[split].append("\t".join(cols))
+            lists[split].append([rel_img] + [f"{split}/masks/{name}_{x}.png" for x in LESIONS])
 
     for split, rows in lists.items():
         header = (
-            f"# {split} samples of a prepared Red-Seg set: image<TAB>MA mask<TAB>HE mask, "
-            "paths relative to this file (docs/data_format.md)\n"
+            f"{split} samples of a prepared Red-Seg set: image<TAB>MA mask<TAB>HE mask, "
+            "paths relative to this file (docs/data_format.md)"
         )
-        (work / f"{split}.txt").write_text(header + "".join(r + "\n" for r in rows))
+        write_list(list_path(work, split), rows, header)
 
     if n_pix:
         mean = [float(v) for v in bgr_sum / n_pix]
@@ -656,7 +621,7 @@ def _build(source: IdridSource, work: Path, options: PrepareOptions, fp: str, tq
     }
     for wmsg in idx.warnings:
         log.warning("%s", wmsg)
-    (work / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (work / "summary.md").write_text(_summary_md(summary))
-    (work / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_json(work / "summary.json", summary)
+    write_text(work / "summary.md", _summary_md(summary))
+    write_json(work / "meta.json", meta)
     return meta

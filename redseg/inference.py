@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
-import cv2
 import numpy as np
 
 from redseg.caffe_utils import REPO, load_net
-from redseg.data import image_blob
+from redseg.prepared_set import image_blob
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +41,3 @@ class Segmenter:
 def to_u8(prob: np.ndarray) -> np.ndarray:
     """Probability -> 8-bit map, probability x 255 rounded (the authors' saved predictions)."""
     return np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
-
-
-def write_png(path: Path, img: np.ndarray) -> None:
-    """Write atomically: a half-written PNG never carries the final name."""
-    tmp = path.with_name(path.name + ".tmp.png")
-    if not cv2.imwrite(str(tmp), img):
-        raise OSError(f"cannot write {path}")
-    os.replace(tmp, path)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from redseg import config as C
 from redseg.caffe_utils import import_caffe
+from redseg.fileio import write_text
 
 caffe = import_caffe()
 from caffe import layers as L  # noqa: E402
@@ -213,7 +214,7 @@ def generate(out_dir: str | Path) -> list[Path]:
         files[f"ablations/deploy_ma_{variant}.prototxt"] = redseg(NetOptions(stage="deploy", ma_stages=stages))
     written = []
     for name, proto in files.items():
-        written.append(_write(out / name, HEADER + str(proto)))
+        written.append(write_text(out / name, HEADER + str(proto)))
     # Paths relative to the repository root, where `make` and the tools run (Caffe resolves them
     # against the working directory); tools/train.py writes per-run copies with absolute paths.
     s1, s2 = sched.stage1, sched.stage2
@@ -239,12 +240,5 @@ def generate(out_dir: str | Path) -> list[Path]:
         ),
     }
     for name, text in solvers.items():
-        written.append(_write(out / name, HEADER + text))
+        written.append(write_text(out / name, HEADER + text))
     return written
-
-
-def _write(path: Path, text: str) -> Path:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path

@@ -42,8 +42,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,7 +50,7 @@ import numpy as np
 
 from redseg import config as C
 from redseg.config import IDRID_LESION_DIRS, TEST_IDS, TRAIN_IDS
-from redseg.fsutil import replace_dir
+from redseg.fileio import building_dir, write_image, write_json
 
 log = logging.getLogger(__name__)
 
@@ -586,8 +584,7 @@ def _bgr_tiff(mask: np.ndarray) -> np.ndarray:
 
 def _write(path: Path, arr: np.ndarray, params: list[int] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), arr, params or []):
-        raise OSError(f"could not write {path}")
+    write_image(path, arr, params or ())
 
 
 def generate_idrid_tree(
@@ -637,15 +634,11 @@ def generate_idrid_tree(
         if not marker.is_file():
             raise FileExistsError(f"{out} exists and is not a synthetic set: refusing to delete it")
 
-    tmp = out.parent / f"{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    seg = tmp / SEG_DIR
     no_he = _no_he_ids(train_ids, params.no_he_fraction, seed, 0) | _no_he_ids(test_ids, params.no_he_fraction, seed, 1)
     images = {}
     jobs = [("train", i) for i in train_ids] + [("test", i) for i in test_ids]
-    try:
+    with building_dir(out) as tmp:
+        seg = tmp / SEG_DIR
         for split, i in tqdm(jobs, desc="synthetic", unit="img", disable=not progress):
             rng = np.random.default_rng(np.random.SeedSequence([seed, i]))
             syn = render_fundus(rng, params, with_he=i not in no_he)
@@ -666,11 +659,7 @@ def generate_idrid_tree(
                 "pixels": {k: int(m.sum()) for k, m in syn.masks.items()},
             }
         info = {"generator": "redseg.synthetic", "settings": settings, "images": images}
-        (tmp / MARKER).write_text(json.dumps(info, indent=1) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / MARKER, info)  # last
     log.info("wrote %d synthetic images to %s", len(jobs), out)
     return info
 

@@ -15,7 +15,6 @@ import csv
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import signal
@@ -34,7 +33,8 @@ from redseg.caffe_utils import (
     read_binary_proto,
     set_mode,
 )
-from redseg.data import read_list, read_meta
+from redseg.fileio import atomic_path, write_text
+from redseg.prepared_set import list_path, read_list, read_meta
 from redseg.vgg16 import prepare_weights as prepare_vgg16
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def materialise(run: StageRun) -> Path:
         raise CaffeInputError(f"train net not found: {net_path}")
     npar = caffe_pb2.NetParameter()
     text_format.Merge(net_path.read_text(), npar)
-    train_list = (run.data / "train.txt").resolve()
+    train_list = list_path(run.data, "train").resolve()
     s1 = run.schedule.stage1
     n_data = 0
     for layer in npar.layer:
@@ -118,7 +118,7 @@ def materialise(run: StageRun) -> Path:
     check_net_param(npar, str(net_path))
     run.run_dir.mkdir(parents=True, exist_ok=True)
     run_net = run.run_dir / f"stage{run.stage}_train.prototxt"
-    _atomic_write(run_net, text_format.MessageToString(npar))
+    write_text(run_net, text_format.MessageToString(npar))
     if sp.iter_size not in (0, 1):
         raise CaffeInputError(
             f"{template}: iter_size {sp.iter_size}; Red-Seg trains with batch size 1 and iter_size 1 "
@@ -135,14 +135,8 @@ def materialise(run: StageRun) -> Path:
     sp.display = 0  # the driver reports progress itself
     sp.solver_mode = caffe_pb2.SolverParameter.GPU if run.gpu is not None else caffe_pb2.SolverParameter.CPU
     run_solver = run.run_dir / f"stage{run.stage}_solver.prototxt"
-    _atomic_write(run_solver, text_format.MessageToString(sp))
+    write_text(run_solver, text_format.MessageToString(sp))
     return run_solver
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def latest_solverstate(run: StageRun) -> Path | None:
@@ -239,12 +233,10 @@ class LossLog:
         if resume_iter > 0 and path.is_file():
             with path.open(newline="") as f:
                 rows = [r for r in csv.DictReader(f) if r.get("iter", "").isdigit() and int(r["iter"]) <= resume_iter]
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", newline="") as f:
+        with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
             w = csv.DictWriter(f, self.columns, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
-        tmp.replace(path)
         self.f = path.open("a", newline="")
         self.w = csv.DictWriter(self.f, self.columns, extrasaction="ignore")
 
@@ -261,7 +253,7 @@ def train_stage(run: StageRun) -> Path:
     if run.final.is_file() and not run.force:
         log.info("stage %d already finished: %s (pass --force to train it again)", run.stage, run.final)
         return run.final
-    samples = read_list(run.data / "train.txt")  # names the first missing file, before Caffe starts
+    samples = read_list(list_path(run.data, "train"))  # names the first missing file, before Caffe starts
     read_meta(run.data)
     caffe = set_mode(run.gpu)
     resume = None
@@ -344,9 +336,8 @@ def train_stage(run: StageRun) -> Path:
     snap_every = run.stage_schedule.snapshot
     if solver.iter > start_iter and not (snap_every and max_iter % snap_every == 0):
         solver.snapshot()  # Caffe snapshots only at multiples of `snapshot` (97,200 is not one)
-    tmp = run.final.with_name(run.final.name + ".tmp")
-    shutil.copyfile(run.run_dir / f"stage{run.stage}_iter_{max_iter}.caffemodel", tmp)
-    os.replace(tmp, run.final)
+    with atomic_path(run.final) as tmp:
+        shutil.copyfile(run.run_dir / f"stage{run.stage}_iter_{max_iter}.caffemodel", tmp)
     log.info("stage %d finished: %s", run.stage, run.final)
     return run.final
 

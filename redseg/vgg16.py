@@ -32,7 +32,7 @@ import numpy as np
 
 from redseg import config as C
 from redseg.caffe_utils import CaffeInputError, import_caffe, read_caffemodel
-from redseg.fsutil import atomic_path
+from redseg.fileio import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -382,8 +382,7 @@ def convert_keras(source: str | os.PathLike, out: str | os.PathLike | None = Non
     with atomic_path(out) as tmp:
         write_caffemodel(convs, tmp, name=f"VGG16 convolutions converted from {source.name} (md5 {md5})")
         validate_caffemodel(tmp)
-    with atomic_path(sidecar) as tmp:
-        tmp.write_text(json.dumps(stamp, indent=1) + "\n")
+    write_json(sidecar, stamp)
     log.info("%s: converted from %s (13 convolutions, Caffe layout) and validated", out, source)
     return out
 

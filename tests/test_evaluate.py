@@ -19,6 +19,7 @@ from sklearn.metrics import average_precision_score
 
 from redseg.config import IDRID_LESION_DIRS, LESIONS
 from redseg.evaluation import EvaluationError, evaluate, find_ground_truth
+from redseg.prepared_set import DataError
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = REPO / ".venv" / "bin" / "python"
@@ -268,7 +269,7 @@ def test_wrong_ground_truth_folder(tmp_path):
         find_ground_truth(tmp_path / "nowhere")
     prepared = write_prepared(tmp_path / "prepared", make_case(10)[0])
     (prepared / ".complete").unlink()
-    with pytest.raises(EvaluationError, match="incomplete"):
+    with pytest.raises(DataError, match="incomplete"):
         find_ground_truth(prepared)
 
 

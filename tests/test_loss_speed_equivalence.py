@@ -7,7 +7,7 @@ written straight from paper section 2.2) through real Caffe nets: random inputs 
 (including the paper's 1072x712, where the subsampling path runs) and batch sizes, and the edge
 cases: no positives, all positives, k = 0, ties in logits, huge logits, NaN, the end of the lambda
 schedule, and a subsample that guesses the threshold wrong. Also: the data layer's channel-first
-cache gives the same blob as redseg.data.image_blob, and tools/benchmark.py runs end to end.
+cache gives the same blob as redseg.prepared_set.image_blob, and tools/benchmark.py runs end to end.
 """
 
 from __future__ import annotations
@@ -264,8 +264,8 @@ def test_nan_logits_stop_the_forward_pass(caffe, tmp_path):
 
 
 def test_data_layer_output_equals_image_blob(caffe, tmp_path, tiny_set):
-    """The channel-first cache and fused subtraction give exactly redseg.data.image_blob's blob."""
-    from redseg.data import image_blob, load_sample, mean_bgr, read_list
+    """The channel-first cache and fused subtraction give exactly redseg.prepared_set.image_blob's blob."""
+    from redseg.prepared_set import image_blob, load_sample, mean_bgr, read_list
 
     path = tmp_path / "data.prototxt"
     param = json.dumps({"list": str(tiny_set / "train.txt"), "shuffle": False})

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from redseg.config import AUGMENTATIONS, IDRID_LESION_DIRS
-from redseg.idrid import IdridError, augment, augment_point, downsample_mask, prepare, prepared_size
+from redseg.idrid import IdridError, augment, augment_point, prepare, prepared_size
+from redseg.prepared_set import downsample_mask
 from redseg.synthetic import SyntheticParams, generate_idrid_tree
 
 REPO = Path(__file__).resolve().parent.parent
@@ -175,8 +176,8 @@ def test_downsample_mask_rounds_odd_sizes():
     assert prepared_size(17, 9, 4) == (4, 2)
     m = np.zeros((10, 18), bool)
     m[9, 17] = True  # the last pixel survives "any" at a non-integer scale
-    assert downsample_mask(m, (5, 3), "any")[2, 4]
-    assert downsample_mask(m, (5, 3), "any").sum() == 1
+    assert downsample_mask(m, (3, 5), "any")[2, 4]
+    assert downsample_mask(m, (3, 5), "any").sum() == 1
 
 
 def test_six_augmentations_move_image_and_mask_together(tmp_path):

@@ -15,7 +15,6 @@ runs/benchmark/benchmark_<H>x<W>_<cpu|gpuN>.json). See docs/performance.md.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redseg.benchmark import TARGET_SIZE, BenchConfig, format_report, run_benchmark  # noqa: E402
+from redseg.fileio import write_json  # noqa: E402
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = "cpu" if args.gpu is None else f"gpu{args.gpu}"
     out = args.json or Path("runs/benchmark") / f"benchmark_{h}x{w}_{mode}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out)
+    write_json(out, result)
     print(f"\nJSON: {out}")
     return 0
 

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from redseg import blas  # noqa: E402
+from redseg.fileio import write_json  # noqa: E402
 
 SEED = 7
 
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  note: the library ran {e['running']} when asked for {core}")
     out = args.json or Path("runs/benchmark") / f"blas_cores_{h}x{w}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out, result)
     print(f"\nJSON: {out}")
     return 0
 

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cv2  # noqa: E402
 
 from redseg.config import TEST_IDS, TRAIN_IDS  # noqa: E402
+from redseg.fileio import write_image  # noqa: E402
 from redseg.synthetic import (  # noqa: E402
     DEFAULT_MA_RADIUS_AT_REF,
     IMAGES_DIR,
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         img = cv2.imread(str(first), cv2.IMREAD_COLOR)
         small = preview(img, max(1, params.width // 2))
         args.sample.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(args.sample), small, [cv2.IMWRITE_JPEG_QUALITY, 88])
+        write_image(args.sample, small, [cv2.IMWRITE_JPEG_QUALITY, 88])
         logging.info("preview of %s -> %s (%s)", first.name, args.sample, "x".join(map(str, small.shape[1::-1])))
     return 0
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redseg import config as C  # noqa: E402
 from redseg.caffe_utils import CaffeInputError  # noqa: E402
-from redseg.data import DataError, mean_bgr, read_image  # noqa: E402
+from redseg.prepared_set import DataError, mean_bgr, read_image  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +63,8 @@ def run(args, mean) -> int:
     import numpy as np
 
     from redseg.caffe_utils import set_mode
-    from redseg.inference import Segmenter, to_u8, write_png
+    from redseg.fileio import write_image
+    from redseg.inference import Segmenter, to_u8
 
     for p in args.images:  # every input readable before the net is built
         if not p.is_file():
@@ -80,8 +81,8 @@ def run(args, mean) -> int:
         for lesion, colour in (("MA", (0, 255, 255)), ("HE", (255, 255, 0))):
             a = (maps[lesion].astype(np.float32) / 255.0)[..., None]
             overlay = overlay * (1 - a) + np.array(colour, np.float32) * a
-            write_png(args.out / f"{path.stem}_{lesion.lower()}.png", maps[lesion])
-        write_png(args.out / f"{path.stem}_overlay.png", overlay.astype(np.uint8))
+            write_image(args.out / f"{path.stem}_{lesion.lower()}.png", maps[lesion])
+        write_image(args.out / f"{path.stem}_overlay.png", overlay.astype(np.uint8))
         print(args.out / f"{path.stem}_overlay.png")
     return 0
 

@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redseg.caffe_utils import CaffeInputError  # noqa: E402
-from redseg.data import DataError, mean_bgr, read_image, read_list, read_meta  # noqa: E402
 from redseg.evaluation import EvaluationError, evaluate, summary_table  # noqa: E402
+from redseg.prepared_set import DataError, list_path, mean_bgr, read_image, read_list, read_meta  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,11 +51,12 @@ def run(args, out: Path) -> int:
     from tqdm import tqdm
 
     from redseg.caffe_utils import set_mode
-    from redseg.inference import DEPLOY, Segmenter, to_u8, write_png
+    from redseg.fileio import write_image
+    from redseg.inference import DEPLOY, Segmenter, to_u8
 
     if not args.weights.is_file():
         raise CaffeInputError(f"weights file not found: {args.weights}")
-    samples = read_list(args.data / "test.txt")
+    samples = read_list(list_path(args.data, "test"))
     meta = read_meta(args.data)
     set_mode(args.gpu)
     seg = Segmenter(args.weights, mean_bgr(args.data), args.deploy or DEPLOY)
@@ -69,7 +70,7 @@ def run(args, out: Path) -> int:
             if args.full_size and factor > 1:
                 h, w = u8.shape
                 u8 = cv2.resize(u8, (w * factor, h * factor), interpolation=cv2.INTER_LINEAR)
-            write_png(pred / f"{s.name}_{lesion.lower()}.png", u8)
+            write_image(pred / f"{s.name}_{lesion.lower()}.png", u8)
     logging.info("maps of %d images in %s", len(samples), pred)
     if args.no_eval:
         return 0

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redseg import config as C  # noqa: E402
 from redseg.caffe_utils import CaffeInputError  # noqa: E402
-from redseg.data import DataError  # noqa: E402
+from redseg.prepared_set import DataError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
