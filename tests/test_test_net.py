@@ -99,9 +99,11 @@ def test_segment_own_photo(tmp_path, tiny_set, weights):
            "--width", "96", "--out", str(tmp_path / "o"), str(photo)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    for suffix in ("ma", "he", "overlay"):
+    for suffix in ("ma", "he"):
         out = cv2.imread(str(tmp_path / "o" / f"my photo_{suffix}.png"), cv2.IMREAD_UNCHANGED)
         assert out.shape[:2] == (150, 200)
+    overlay = cv2.imread(str(tmp_path / "o" / "my photo_overlay.png"))
+    assert overlay.shape[:2] == (150, 2 * 200 + 4)  # the report's overlay: MA and HE panels side by side
     proc = subprocess.run(cmd[:-1] + [str(tmp_path / "missing.jpg")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "missing.jpg" in proc.stderr
 

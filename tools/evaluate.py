@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from redseg.evaluation import INTERPOLATIONS, EvaluationError, evaluate, summary_table  # noqa: E402
+from redseg.evaluation import INTERPOLATIONS, EvaluationError, evaluate  # noqa: E402
+from redseg.report import summary_table  # noqa: E402
 
 
 def default_out(pred: Path) -> Path:

@@ -6,8 +6,10 @@
 Each photograph is resized to the training resolution (--width, default 1072 px wide as IDRiD's
 4x-downsampled images; the paper's section 3.1), passed once through prototxt/deploy.prototxt,
 and written to --out as <name>_ma.png / <name>_he.png (8-bit probability maps at the photo's own
-size) and <name>_overlay.png (MA in yellow, HE in cyan over the photo). The input mean comes from
-the prepared set the model was trained on (--data) or --mean-bgr.
+size) and <name>_overlay.png (the evaluation report's overlay, redseg.report.draw_overlay: MA and
+HE panels side by side, the probability above 0.5 magenta to white over the photo, at most 1072
+px wide each). The input mean comes from the prepared set the model was trained on (--data) or
+--mean-bgr.
 """
 
 from __future__ import annotations
@@ -60,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args, mean) -> int:
     import cv2
-    import numpy as np
 
     from redseg.caffe_utils import set_mode
     from redseg.fileio import write_image
     from redseg.inference import Segmenter, to_u8
+    from redseg.report import draw_overlay
 
     for p in args.images:  # every input readable before the net is built
         if not p.is_file():
@@ -77,12 +79,9 @@ def run(args, mean) -> int:
         h, w = img.shape[:2]
         small = cv2.resize(img, (args.width, max(1, round(h * args.width / w))), interpolation=cv2.INTER_AREA)
         maps = {k: cv2.resize(to_u8(v), (w, h), interpolation=cv2.INTER_LINEAR) for k, v in seg(small).items()}
-        overlay = img.astype(np.float32)
-        for lesion, colour in (("MA", (0, 255, 255)), ("HE", (255, 255, 0))):
-            a = (maps[lesion].astype(np.float32) / 255.0)[..., None]
-            overlay = overlay * (1 - a) + np.array(colour, np.float32) * a
-            write_image(args.out / f"{path.stem}_{lesion.lower()}.png", maps[lesion])
-        write_image(args.out / f"{path.stem}_overlay.png", overlay.astype(np.uint8))
+        for lesion, u8 in maps.items():
+            write_image(args.out / f"{path.stem}_{lesion.lower()}.png", u8)
+        write_image(args.out / f"{path.stem}_overlay.png", draw_overlay(path.stem, img, maps))
         print(args.out / f"{path.stem}_overlay.png")
     return 0
 

@@ -20,8 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redseg.caffe_utils import CaffeInputError  # noqa: E402
-from redseg.evaluation import EvaluationError, evaluate, summary_table  # noqa: E402
+from redseg.evaluation import EvaluationError, evaluate  # noqa: E402
 from redseg.prepared_set import DataError, list_path, mean_bgr, read_image, read_list, read_meta  # noqa: E402
+from redseg.report import summary_table  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
