@@ -23,7 +23,7 @@ candidate set, see :func:`hardest_negatives`) instead of sorting or partitioning
 evaluates softplus and sigmoid only on the pixels that carry a loss (positives and the selected
 negatives, ~15 % of the image), and scatters its gradient into a zeroed diff. The FN+FP layer
 works in place in preallocated float32 buffers. What is computed is exactly the formula above;
-tests/test_loss_speed_equivalence.py checks it against the float64 oracle tests/reference_losses.py.
+tests/test_loss_speed_equivalence.py checks it against the float64 oracle redseg/reference_losses.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Timing Red-Seg's real nets: where an iteration's time goes (issue #6, docs/performance.md).
+"""Timing Red-Seg's real nets: where an iteration's time goes (docs/performance.md).
 
 On a GPU a Red-Seg iteration at 1072x712 takes a fraction of a second, while the 8 Python loss
 layers (paper section 2.2) and the Python data layer run on the CPU every iteration, so their cost
@@ -11,7 +11,7 @@ net) and on images it makes itself (no IDRiD needed):
   ``before_forward``/``after_forward``/``before_backward``/``after_backward`` callbacks);
 * the 8 loss layers' forward + backward together (``net._forward(i, i)``/``net._backward(i, i)``
   on the real logits), and the float64 reference implementation of the losses
-  (tests/reference_losses.py, the tests' numerical oracle) on the same inputs, with a check that
+  (redseg/reference_losses.py, the tests' numerical oracle) on the same inputs, with a check that
   both give the same numbers;
 * the data layer per iteration in steady state (every sample cached);
 * one deploy forward pass, scoring a 27-image test set (IDRiD's test size) with
@@ -23,7 +23,6 @@ Every timing is repeated; results carry the median and the interquartile range.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import logging
 import os
 import platform
@@ -38,24 +37,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from redseg import blas
+from redseg import blas, reference_losses
 from redseg import config as C
-from redseg.caffe_utils import REPO, import_caffe, set_mode
+from redseg.caffe_utils import import_caffe, set_mode
 from redseg.fileio import mark_complete, write_image, write_json
 from redseg.prepared_set import list_path, read_list, read_mask, write_list
 
 log = logging.getLogger(__name__)
 
 TARGET_SIZE = (712, 1072)  # (H, W): the paper's 4x-downsampled IDRiD images
-# Issue #6, measured on a 2-core CPU machine at 1072x712.
-TARGETS = {
-    "loss_layers_ms": 80.0,  # all 8 loss layers, forward + backward, per iteration (at most)
-    "loss_speedup": 3.0,  # over the reference implementation (at least)
-    "data_layer_ms": 15.0,  # data layer per iteration in steady state (at most)
-    "python_share": 0.02,  # Python layers together, share of a CPU training iteration (at most)
-}
 N_TEST_IMAGES = 27  # IDRiD's test set: IDRiD_55 .. IDRiD_81
-REFERENCE_FILE = REPO / "tests" / "reference_losses.py"
 # Same tolerances as tests/test_losses.py: float32 layers against the float64 oracle.
 LOSS_RTOL = 1e-5
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6
@@ -314,21 +305,6 @@ def conv_gflop(net) -> float:
     return total / 1e9
 
 
-def load_reference():
-    """The float64 reference losses (tests/reference_losses.py), or None when the file is absent.
-
-    Loaded from its file rather than imported as a package: it lives with the tests as their
-    numerical oracle, and the benchmark times that very code.
-    """
-    if not REFERENCE_FILE.is_file():
-        log.warning("%s not found: the reference losses are not timed", REFERENCE_FILE)
-        return None
-    spec = importlib.util.spec_from_file_location("reference_losses", REFERENCE_FILE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _loss_layer_indices(net) -> list[int]:
     return [
         i
@@ -354,7 +330,7 @@ def _write_stage(workdir: Path, stage: int, train_list: Path, gpu: bool) -> Path
     return solver
 
 
-def _check_against_reference(net, idx: list[int], ref, stage: int) -> dict:
+def _check_against_reference(net, idx: list[int], stage: int) -> dict:
     """Fast layers' last loss and gradient vs the reference on the same blobs."""
     worst_loss, worst_grad, ok = 0.0, 0.0, True
     for i in idx:
@@ -364,9 +340,9 @@ def _check_against_reference(net, idx: list[int], ref, stage: int) -> dict:
         fast_loss = net.blobs[net.top_names[name][0]].data.item()
         fast_grad = net.blobs[xb].diff
         if stage == 1:
-            ref_loss, ref_grad = ref.reference_topk(x, y, net.layers[i].last["lambda_"])
+            ref_loss, ref_grad = reference_losses.reference_topk(x, y, net.layers[i].last["lambda_"])
         else:
-            ref_loss, ref_grad = ref.reference_fnfp(x, y)
+            ref_loss, ref_grad = reference_losses.reference_fnfp(x, y)
         rel = abs(fast_loss - ref_loss) / max(abs(ref_loss), 1e-30)
         excess = np.abs(fast_grad - ref_grad) - (GRAD_ATOL + GRAD_RTOL * np.abs(ref_grad))
         worst_loss = max(worst_loss, rel)
@@ -375,7 +351,7 @@ def _check_against_reference(net, idx: list[int], ref, stage: int) -> dict:
     return {"max_rel_loss_diff": float(f"{worst_loss:.3g}"), "max_grad_excess": float(f"{worst_grad:.3g}"), "ok": ok}
 
 
-def _time_reference(net, idx: list[int], ref, stage: int, repeats: int) -> list[float]:
+def _time_reference(net, idx: list[int], stage: int, repeats: int) -> list[float]:
     inputs = []
     for i in idx:
         name = net._layer_names[i]
@@ -386,14 +362,14 @@ def _time_reference(net, idx: list[int], ref, stage: int, repeats: int) -> list[
     def run():
         for x, y, lam in inputs:
             if stage == 1:
-                ref.reference_topk(x, y, lam)
+                reference_losses.reference_topk(x, y, lam)
             else:
-                ref.reference_fnfp(x, y)
+                reference_losses.reference_fnfp(x, y)
 
     return _timed(run, repeats, 1e3)
 
 
-def time_stage(cfg: BenchConfig, stage: int, data_root: Path, workdir: Path, ref) -> dict:
+def time_stage(cfg: BenchConfig, stage: int, data_root: Path, workdir: Path) -> dict:
     """Iterations, per-layer table, loss layers (and reference), data layer of one training stage."""
     caffe = import_caffe()
     solver_path = _write_stage(workdir, stage, list_path(data_root, "train").resolve(), cfg.gpu is not None)
@@ -435,10 +411,9 @@ def time_stage(cfg: BenchConfig, stage: int, data_root: Path, workdir: Path, ref
     losses()
     out["loss_layers_ms"] = summarize(_timed(losses, cfg.fast_repeats, 1e3))
     out["n_loss_layers"] = len(idx)
-    if ref is not None:
-        out["loss_check"] = _check_against_reference(net, idx, ref, stage)
-        out["reference_loss_layers_ms"] = summarize(_time_reference(net, idx, ref, stage, cfg.repeats))
-        out["loss_speedup"] = round(out["reference_loss_layers_ms"]["median"] / out["loss_layers_ms"]["median"], 2)
+    out["loss_check"] = _check_against_reference(net, idx, stage)
+    out["reference_loss_layers_ms"] = summarize(_time_reference(net, idx, stage, cfg.repeats))
+    out["loss_speedup"] = round(out["reference_loss_layers_ms"]["median"] / out["loss_layers_ms"]["median"], 2)
 
     # The data layer alone in steady state: every sample is cached after the iterations above.
     d = _data_layer_index(net)
@@ -489,35 +464,6 @@ def time_scoring(cfg: BenchConfig, data_root: Path, workdir: Path) -> dict:
         return {"scoring_s": summarize(_timed(score, cfg.repeats)), "n_images": n}
     finally:
         evaluate_logger.setLevel(level)
-
-
-def _target_check(result: dict) -> dict:
-    """Each target of issue #6 with the measured value; ``applies`` is False off 1072x712 CPU."""
-    applies = tuple(result["size"]) == TARGET_SIZE and result["machine"]["mode"] == "CPU"
-    checks = {}
-    for stage in ("stage1", "stage2"):
-        if stage not in result["loss_layers_ms"]:
-            continue
-        v = result["loss_layers_ms"][stage]["median"]
-        checks[f"loss_layers_ms.{stage}"] = {"value": v, "limit": f"<= {TARGETS['loss_layers_ms']}"}
-        checks[f"loss_layers_ms.{stage}"]["met"] = v <= TARGETS["loss_layers_ms"]
-        if stage in result.get("loss_speedup", {}):
-            s = result["loss_speedup"][stage]
-            checks[f"loss_speedup.{stage}"] = {"value": s, "limit": f">= {TARGETS['loss_speedup']}"}
-            checks[f"loss_speedup.{stage}"]["met"] = s >= TARGETS["loss_speedup"]
-            ok = result["loss_check"][stage]["ok"]
-            checks[f"loss_equals_reference.{stage}"] = {"value": ok, "limit": "True", "met": ok}
-        share = result["python_share"][stage]
-        checks[f"python_share.{stage}"] = {"value": share, "limit": f"<= {TARGETS['python_share']}"}
-        checks[f"python_share.{stage}"]["met"] = share <= TARGETS["python_share"]
-    if result.get("data_layer_ms"):
-        v = result["data_layer_ms"]["median"]
-        checks["data_layer_ms"] = {
-            "value": v,
-            "limit": f"<= {TARGETS['data_layer_ms']}",
-            "met": v <= TARGETS["data_layer_ms"],
-        }
-    return {"applies": applies, "all_met": all(c["met"] for c in checks.values()), "checks": checks}
 
 
 def gpu_estimate(result: dict) -> dict:
@@ -573,7 +519,6 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     start = time.perf_counter()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     set_mode(cfg.gpu)
-    ref = load_reference()
     own_tmp = cfg.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="redseg-bench-")) if own_tmp else Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -591,7 +536,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         }
         result["settings"]["stages"] = list(cfg.stages)
         for stage in cfg.stages:
-            result["stages"][f"stage{stage}"] = time_stage(cfg, stage, data_root, workdir, ref)
+            result["stages"][f"stage{stage}"] = time_stage(cfg, stage, data_root, workdir)
             gc.collect()  # free one stage's net before the next one is built
         log.info("deploy forward: %d warm-up + %d timed", cfg.warmup, cfg.repeats)
         result["deploy"] = time_deploy(cfg, workdir)
@@ -604,17 +549,15 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     st = result["stages"]
     result["iteration_s"] = {s: v["iteration_s"] for s, v in st.items()}
     result["loss_layers_ms"] = {s: v["loss_layers_ms"] for s, v in st.items()}
-    if ref is not None:
-        result["reference_loss_layers_ms"] = {s: v["reference_loss_layers_ms"] for s, v in st.items()}
-        result["loss_speedup"] = {s: v["loss_speedup"] for s, v in st.items()}
-        result["loss_check"] = {s: v["loss_check"] for s, v in st.items()}
+    result["reference_loss_layers_ms"] = {s: v["reference_loss_layers_ms"] for s, v in st.items()}
+    result["loss_speedup"] = {s: v["loss_speedup"] for s, v in st.items()}
+    result["loss_check"] = {s: v["loss_check"] for s, v in st.items()}
     first = next(iter(st.values()), None)
     result["data_layer_ms"] = first["data_layer_ms"] if first else None
     result["python_share"] = {s: v["python_share"] for s, v in st.items()}
     result["forward_s"] = result["deploy"]["forward_s"]
     result["scoring_s"] = result["scoring"]["scoring_s"]
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    result["targets"] = _target_check(result)
     result["gpu_estimate"] = gpu_estimate(result)
     result["machine"]["loadavg_start"] = [round(v, 2) for v in load_start] if load_start else None
     result["machine"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()] if load_start else None
@@ -685,14 +628,6 @@ def format_report(result: dict, top_layers: int = 12) -> str:
         lines.append(f"  slowest layers: {'name':22s} {'type':20s} {'fwd ms':>9s} {'bwd ms':>9s}")
         for r in top:
             lines.append(f"  {'':16s} {r['name']:22s} {r['type']:20s} {r['forward_ms']:9.1f} {r['backward_ms']:9.1f}")
-    t = result["targets"]
-    lines += [
-        "",
-        "Targets of issue #6 (2-core CPU, 1072x712)"
-        + ("" if t["applies"] else ": not this setting, shown for information"),
-    ]
-    for name, c in t["checks"].items():
-        lines.append(f"  {name:36s} {str(c['value']):>10s} {c['limit']:>8s}  {'met' if c['met'] else 'NOT MET'}")
     g = result.get("gpu_estimate") or {}
     if g.get("cases"):
         hours = g["paper_schedule_hours_here"]

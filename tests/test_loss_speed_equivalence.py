@@ -2,7 +2,7 @@
 
 python_layers/losses.py selects the Top-k negatives from a subsampled threshold guess plus an exact
 partition of a candidate set, and evaluates the FN+FP loss with cancellation-free in-place
-arithmetic. Both are checked here against tests/reference_losses.py (full stable sort, float64,
+arithmetic. Both are checked here against redseg/reference_losses.py (full stable sort, float64,
 written straight from paper section 2.2) through real Caffe nets: random inputs at several sizes
 (including the paper's 1072x712, where the subsampling path runs) and batch sizes, and the edge
 cases: no positives, all positives, k = 0, ties in logits, huge logits, NaN, the end of the lambda
@@ -19,9 +19,9 @@ import math
 import numpy as np
 import pytest
 from loss_nets import make_net, run
-from reference_losses import reference_fnfp, reference_lambda, reference_topk
 
 from redseg import config as C
+from redseg.reference_losses import reference_fnfp, reference_lambda, reference_topk
 from redseg.schedule import kept_negatives
 
 S, M = C.LAMBDA_PERIOD, C.SCHEDULES["paper"].stage1.max_iter
@@ -309,5 +309,5 @@ def test_benchmark_tool_runs_and_writes_the_json(tmp_path, venv_python):
         names = {row["name"] for row in r["stages"][stage]["layers"]}
         assert {"conv1_1", "loss_ma_fuse", "loss_he_conv5"} <= names
     assert r["data_layer_ms"]["median"] > 0 and r["forward_s"]["median"] > 0 and r["scoring_s"]["median"] > 0
-    assert r["peak_rss_mb"] > 0 and r["targets"]["applies"] is False
+    assert r["peak_rss_mb"] > 0 and "targets" not in r  # the targets are in docs/performance.md
     assert r["blas"]["summary"] in proc.stdout and r["blas"]["core"], r["blas"]  # redseg/blas.py
