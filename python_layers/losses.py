@@ -9,7 +9,7 @@ learning rates 1e-8 / 1e-9 sensible). ``param_str`` is JSON.
   ``L1 = -beta * sum_{y=1} log p - (1 - beta) * sum_{top-k negatives} log(1 - p)``,
   ``beta = k / (k + N+)``, where the top-k negatives are the k = ceil(lambda(r) * N-) negatives
   with the largest loss -log(1 - p) and lambda(r) follows the paper's staircase schedule
-  (:func:`redseg.schedule.topk_lambda`). beta is a constant in the gradient.
+  (:func:`redseg.topk_schedule.topk_lambda`). beta is a constant in the gradient.
 * :class:`FNFPLoss`, stage 2: ``L2 = sum y (1-p)^2 + sum (1-y) p^2 = sum (y - p)^2``.
 
 Numerically stable for any logit: -log p = softplus(-x), -log(1-p) = softplus(x), computed as
@@ -36,7 +36,7 @@ import caffe
 import numpy as np
 
 from redseg import config as C
-from redseg.schedule import kept_negatives, topk_lambda
+from redseg.topk_schedule import kept_negatives, topk_lambda
 
 log = logging.getLogger(__name__)
 

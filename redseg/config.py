@@ -65,8 +65,9 @@ class StageSchedule:
 
 
 @dataclass(frozen=True)
-class Schedule:
-    """Both stages, and the lambda period S used in stage 1."""
+class TrainingSchedule:
+    """A training run's schedule: both stages' solver settings, and the period S of the Top-k lambda
+    staircase in stage 1 (the staircase itself: redseg/topk_schedule.py)."""
 
     name: str
     stage1: StageSchedule
@@ -82,7 +83,7 @@ EPOCH_IMAGES = 324  # 54 IDRiD training images x 6 augmentations
 
 SCHEDULES = {
     # The paper: 300 epochs of stage 1 at lr 1e-8, then 20 epochs of stage 2 at lr 1e-9.
-    "paper": Schedule(
+    "paper": TrainingSchedule(
         "paper",
         StageSchedule(1e-8, 97_200, 10_000),
         StageSchedule(1e-9, 6_480, 3_240),
@@ -96,7 +97,7 @@ SCHEDULES = {
     # stage 1, as in the paper, but at 1/2000 of its lr instead of 1/10: from this stage-1 model
     # the FN + FP loss pulls every probability down, and at lr 1e-8 it erased both maps within
     # 40 iterations (measured; see README "Measured").
-    "demo": Schedule(
+    "demo": TrainingSchedule(
         "demo",
         StageSchedule(1e-7, 486, 162, display=10),
         StageSchedule(5e-11, 32, 32, display=10),
@@ -104,7 +105,7 @@ SCHEDULES = {
         "demo schedule: 486 + 32 iterations at lr 1e-7 / 5e-11 from scratch on small images (not the paper's)",
     ),
     # S does not divide M, as in the paper (9.72 periods), so lambda never reaches 0.
-    "smoke": Schedule(
+    "smoke": TrainingSchedule(
         "smoke",
         StageSchedule(1e-6, 10, 5, display=1),
         StageSchedule(1e-7, 4, 2, display=1),

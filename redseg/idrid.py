@@ -54,8 +54,18 @@ from pathlib import Path, PurePosixPath
 import cv2
 import numpy as np
 
-from redseg import config as C
-from redseg.config import ALL_IDRID_LESIONS, AUGMENTATIONS, DOWNSAMPLE, IDRID_LESION_DIRS, LESIONS, LSEG_MEAN_BGR
+from redseg.config import (
+    ALL_IDRID_LESIONS,
+    AUGMENTATIONS,
+    DOWNSAMPLE,
+    IDRID_GT_DIR,
+    IDRID_IMAGES_DIR,
+    IDRID_LESION_DIRS,
+    IDRID_SEG_DIR,
+    IDRID_SPLIT_DIRS,
+    LESIONS,
+    LSEG_MEAN_BGR,
+)
 from redseg.fileio import COMPLETE, building_dir, is_complete, mark_complete, write_image, write_json, write_text
 from redseg.prepared_set import MASK_RULES, downsample_mask, list_path, mask_from_pixels, write_list
 
@@ -64,10 +74,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 GENERATOR = "redseg.idrid.prepare"
 DEFAULT_LESIONS = ("MA", "HE", "EX", "SE")
-SEG_DIR = C.IDRID_SEG_DIR
-IMAGES_DIR = C.IDRID_IMAGES_DIR
-GT_DIR = C.IDRID_GT_DIR
-SPLIT_DIRS = C.IDRID_SPLIT_DIRS
 PARTIAL = ".partial"  # marker inside a work folder: ours, unfinished
 
 _IMAGE_RE = re.compile(r"^(IDRiD_\d+)\.(jpe?g|png|tiff?|bmp)$", re.IGNORECASE)
@@ -184,7 +190,7 @@ class IdridSource:
             if not zipfile.is_zipfile(self.src):
                 raise IdridError(
                     f"--src {self.src} is a file but not a .zip; expected the IDRiD folder holding "
-                    f"'{SEG_DIR}', that folder itself, or a .zip of either"
+                    f"'{IDRID_SEG_DIR}', that folder itself, or a .zip of either"
                 )
             try:
                 self._zip = zipfile.ZipFile(self.src)
@@ -232,8 +238,8 @@ class IdridSource:
         return f"{self.src}:{f.member}" if self._zip is not None else f.member
 
     def _build_index(self) -> IdridIndex:
-        seg_l, img_l, gt_l = SEG_DIR.lower(), IMAGES_DIR.lower(), GT_DIR.lower()
-        split_of = {v.lower(): k for k, v in SPLIT_DIRS.items()}
+        seg_l, img_l, gt_l = IDRID_SEG_DIR.lower(), IDRID_IMAGES_DIR.lower(), IDRID_GT_DIR.lower()
+        split_of = {v.lower(): k for k, v in IDRID_SPLIT_DIRS.items()}
         roots: set[tuple[str, ...]] = set()
         found: list[tuple[tuple[str, ...], list[str], _File]] = []
         for name, member, size, stamp in self._files:
@@ -249,13 +255,13 @@ class IdridSource:
                     break
         if not roots:
             raise IdridError(
-                f"no '{SEG_DIR}/{IMAGES_DIR}/...' in {self.src}: expected the IDRiD segmentation data "
-                f"(the folder holding '{SEG_DIR}', that folder itself, or a .zip of either) as "
+                f"no '{IDRID_SEG_DIR}/{IDRID_IMAGES_DIR}/...' in {self.src}: expected the IDRiD segmentation data "
+                f"(the folder holding '{IDRID_SEG_DIR}', that folder itself, or a .zip of either) as "
                 "downloaded from the IDRiD challenge site"
             )
         if len(roots) > 1:
             shown = ", ".join(sorted("/".join(r) or "." for r in roots))
-            raise IdridError(f"several '{SEG_DIR}' folders in {self.src} ({shown}); point --src at one")
+            raise IdridError(f"several '{IDRID_SEG_DIR}' folders in {self.src} ({shown}); point --src at one")
         (root,) = roots
         index = IdridIndex(root="/".join((str(self.src), *root)))
         for _, rest, f in found:
@@ -287,8 +293,8 @@ class IdridSource:
                 index.warnings.append(f"{f.key}: {lesion} mask of {stem}, which has no image (ignored)")
         if not stems:
             raise IdridError(
-                f"no images IDRiD_NN.jpg under '{index.root}/{IMAGES_DIR}/"
-                f"{{{SPLIT_DIRS['train']},{SPLIT_DIRS['test']}}}'"
+                f"no images IDRiD_NN.jpg under '{index.root}/{IDRID_IMAGES_DIR}/"
+                f"{{{IDRID_SPLIT_DIRS['train']},{IDRID_SPLIT_DIRS['test']}}}'"
             )
         return index
 
@@ -504,10 +510,10 @@ def prepare(
 
 def _build(source: IdridSource, work: Path, options: PrepareOptions, fp: str, tqdm, progress: bool) -> dict:
     idx = source.index
-    for split in SPLIT_DIRS:
+    for split in IDRID_SPLIT_DIRS:
         (work / split / "images").mkdir(parents=True)
         (work / split / "masks").mkdir(parents=True)
-    jobs = [(split, stem) for split in SPLIT_DIRS for stem in sorted(idx.images[split])]
+    jobs = [(split, stem) for split in IDRID_SPLIT_DIRS for stem in sorted(idx.images[split])]
     bgr_sum = np.zeros(3, np.float64)
     n_pix = 0
     sizes: set[tuple[int, int]] = set()
@@ -522,7 +528,7 @@ def _build(source: IdridSource, work: Path, options: PrepareOptions, fp: str, tq
             "images_with_lesion": dict.fromkeys(options.lesions, 0),
             "missing_masks": {x: [] for x in options.lesions},
         }
-        for split in SPLIT_DIRS
+        for split in IDRID_SPLIT_DIRS
     }
     for split, stem in tqdm(jobs, desc="prepare", unit="img", disable=not progress):
         f = idx.images[split][stem]

@@ -48,16 +48,19 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from redseg import config as C
-from redseg.config import IDRID_LESION_DIRS, TEST_IDS, TRAIN_IDS
+from redseg.config import (
+    IDRID_GT_DIR,
+    IDRID_IMAGES_DIR,
+    IDRID_LESION_DIRS,
+    IDRID_SEG_DIR,
+    IDRID_SPLIT_DIRS,
+    TEST_IDS,
+    TRAIN_IDS,
+)
 from redseg.fileio import building_dir, write_image, write_json
 
 log = logging.getLogger(__name__)
 
-SEG_DIR = C.IDRID_SEG_DIR
-IMAGES_DIR = C.IDRID_IMAGES_DIR
-GT_DIR = C.IDRID_GT_DIR
-SPLIT_DIRS = C.IDRID_SPLIT_DIRS
 REFERENCE_WIDTH = 1072  # the paper's working width (4288 / 4); default sizes are tuned at it
 DEFAULT_MA_RADIUS_AT_REF = (6.0, 9.0)  # full-size px at 1072 px width -> 1.5-2.25 px after 4x
 MARKER = "synthetic.json"  # written last at the root of a generated tree; marks it as ours
@@ -638,19 +641,19 @@ def generate_idrid_tree(
     images = {}
     jobs = [("train", i) for i in train_ids] + [("test", i) for i in test_ids]
     with building_dir(out) as tmp:
-        seg = tmp / SEG_DIR
+        seg = tmp / IDRID_SEG_DIR
         for split, i in tqdm(jobs, desc="synthetic", unit="img", disable=not progress):
             rng = np.random.default_rng(np.random.SeedSequence([seed, i]))
             syn = render_fundus(rng, params, with_he=i not in no_he)
             name = image_name(i)
             _write(
-                seg / IMAGES_DIR / SPLIT_DIRS[split] / f"{name}.jpg",
+                seg / IDRID_IMAGES_DIR / IDRID_SPLIT_DIRS[split] / f"{name}.jpg",
                 syn.image,
                 [cv2.IMWRITE_JPEG_QUALITY, params.jpeg_quality],
             )
             for lesion, mask in syn.masks.items():
                 _write(
-                    seg / GT_DIR / SPLIT_DIRS[split] / IDRID_LESION_DIRS[lesion] / f"{name}_{lesion}.tif",
+                    seg / IDRID_GT_DIR / IDRID_SPLIT_DIRS[split] / IDRID_LESION_DIRS[lesion] / f"{name}_{lesion}.tif",
                     _bgr_tiff(mask),
                 )
             images[name] = {

@@ -51,7 +51,7 @@ class StageRun:
     stage: int
     data: Path  # a prepared set (holds train.txt and meta.json)
     run_dir: Path
-    schedule: C.Schedule
+    schedule: C.TrainingSchedule
     solver: Path | None = None  # template; default prototxt/solver_stage{stage}.prototxt
     net: Path | None = None  # train net instead of the solver's (e.g. a Table 5 ablation)
     weights: Path | None = None  # VGG16 (stage 1) or stage-1 weights (stage 2)

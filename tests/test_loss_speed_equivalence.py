@@ -22,7 +22,7 @@ from loss_nets import make_net, run
 
 from redseg import config as C
 from redseg.reference_losses import reference_fnfp, reference_lambda, reference_topk
-from redseg.schedule import kept_negatives
+from redseg.topk_schedule import kept_negatives
 
 S, M = C.LAMBDA_PERIOD, C.SCHEDULES["paper"].stage1.max_iter
 PAPER = {"lambda0": C.LAMBDA0, "period": S, "max_iter": M}

@@ -14,7 +14,7 @@ import pytest
 from conftest import write_prepared_set
 
 from redseg import config as C
-from redseg.schedule import topk_lambda
+from redseg.topk_schedule import topk_lambda
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = C.SCHEDULES["smoke"]
@@ -238,7 +238,9 @@ def test_nan_loss_stops_with_a_clear_error(caffe, tmp_path, tiny_set):
     """A diverging run (absurd lr) stops at the first non-finite loss and names the last snapshot."""
     from redseg.train import StageRun, TrainingError, train_stage
 
-    wild = C.Schedule("wild", C.StageSchedule(10.0, 20, 2), C.StageSchedule(1.0, 2, 2), 4, "diverges on purpose")
+    wild = C.TrainingSchedule(
+        "wild", C.StageSchedule(10.0, 20, 2), C.StageSchedule(1.0, 2, 2), 4, "diverges on purpose"
+    )
     run = StageRun(stage=1, data=tiny_set, run_dir=tmp_path / "run", schedule=wild, from_scratch=True, progress=False)
     with pytest.raises(TrainingError, match=r"(nan|inf).*training stopped"):
         train_stage(run)
@@ -253,7 +255,9 @@ def test_force_retrain_archives_old_outputs_and_snapshots_its_own_final(caffe, t
     """
     from redseg.train import StageRun, train_stage
 
-    odd = C.Schedule("odd", C.StageSchedule(1e-6, 5, 2), C.StageSchedule(1e-7, 2, 2), 4, "max_iter not a multiple")
+    odd = C.TrainingSchedule(
+        "odd", C.StageSchedule(1e-6, 5, 2), C.StageSchedule(1e-7, 2, 2), 4, "max_iter not a multiple"
+    )
     run_dir = tmp_path / "run"
     first = StageRun(stage=1, data=one_image, run_dir=run_dir, schedule=odd, from_scratch=True, progress=False)
     train_stage(first)

@@ -23,14 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cv2  # noqa: E402
 
-from redseg.config import TEST_IDS, TRAIN_IDS  # noqa: E402
+from redseg.config import IDRID_IMAGES_DIR, IDRID_SEG_DIR, IDRID_SPLIT_DIRS, TEST_IDS, TRAIN_IDS  # noqa: E402
 from redseg.fileio import write_image  # noqa: E402
 from redseg.synthetic import (  # noqa: E402
     DEFAULT_MA_RADIUS_AT_REF,
-    IMAGES_DIR,
     REFERENCE_WIDTH,
-    SEG_DIR,
-    SPLIT_DIRS,
     SyntheticParams,
     generate_idrid_tree,
     preview,
@@ -113,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.sample:
         split = "train" if args.n_train else "test"
-        first = sorted(args.out.glob(f"{SEG_DIR}/{IMAGES_DIR}/{SPLIT_DIRS[split]}/*.jpg"))[0]
+        first = sorted(args.out.glob(f"{IDRID_SEG_DIR}/{IDRID_IMAGES_DIR}/{IDRID_SPLIT_DIRS[split]}/*.jpg"))[0]
         img = cv2.imread(str(first), cv2.IMREAD_COLOR)
         small = preview(img, max(1, params.width // 2))
         args.sample.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,9 @@
-"""The lambda schedule of the stage-1 Top-k balanced loss (paper section 2.2, SPEC "Losses")."""
+"""The Top-k lambda staircase of the stage-1 loss (paper section 2.2, SPEC "Losses").
+
+Only the fraction of negatives the Top-k balanced loss keeps at each stage-1 iteration; the solver
+schedules (learning rates, iterations, snapshots, and the period S used here) are
+redseg.config.TrainingSchedule.
+"""
 
 from __future__ import annotations
 
