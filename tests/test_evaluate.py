@@ -323,7 +323,7 @@ def test_report_says_when_labels_are_synthetic(tmp_path):
 
     root = tmp_path / "syn"
     subprocess.run(
-        [sys.executable, str(REPO / "tools/make_synthetic.py"), "--out", str(root), "--size", "96x64",
+        [sys.executable, str(REPO / "tools/make_synthetic.py"), "--out", str(root), "--size", "64x96",
          "--n-train", "1", "--n-test", "2", "-q"],
         check=True, capture_output=True,
     )  # fmt: skip

@@ -19,7 +19,7 @@ def tool(name: str, *args) -> subprocess.CompletedProcess:
 
 def test_synthetic_prepare_train_test_evaluate(tmp_path):
     raw, data, run = tmp_path / "idrid", tmp_path / "data", tmp_path / "run"
-    tool("make_synthetic.py", "--out", raw, "--size", "128x96", "--n-train", "2", "--n-test", "2", "-q")
+    tool("make_synthetic.py", "--out", raw, "--size", "96x128", "--n-train", "2", "--n-test", "2", "-q")
     tool("prepare_idrid.py", "--src", raw, "--out", data, "--factor", "2", "-q")
     assert len((data / "train.txt").read_text().split("\n")) >= 12  # 2 images x 6 augmentations
     tool(

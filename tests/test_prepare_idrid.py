@@ -244,7 +244,7 @@ def test_truncated_jpeg_is_named(src, tmp_path):
         prepare(bad, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.partial-*"))
     r = _run_tool("--src", str(bad), "--out", str(tmp_path / "out"))
-    assert r.returncode == 2 and "IDRiD_02.jpg" in r.stderr
+    assert r.returncode == 1 and "IDRiD_02.jpg" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -254,7 +254,7 @@ def test_mask_of_the_wrong_size_is_named(src, tmp_path):
     with pytest.raises(IdridError, match=r"IDRiD_04_MA\.tif is 64x48 .* 128x96"):
         prepare(bad, tmp_path / "out", progress=False)
     r = _run_tool("--src", str(bad), "--out", str(tmp_path / "out"))
-    assert r.returncode == 2 and "IDRiD_04_MA.tif" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "IDRiD_04_MA.tif" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_wrong_folder_says_what_was_expected(tmp_path):
@@ -263,12 +263,12 @@ def test_wrong_folder_says_what_was_expected(tmp_path):
     with pytest.raises(IdridError, match="A. Segmentation"):
         prepare(tmp_path / "photos", tmp_path / "out", progress=False)
     r = _run_tool("--src", str(tmp_path / "photos"), "--out", str(tmp_path / "out"))
-    assert r.returncode == 2 and "A. Segmentation" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "A. Segmentation" in r.stderr and "Traceback" not in r.stderr
     r = _run_tool("--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"))
-    assert r.returncode == 2 and "does not exist" in r.stderr
+    assert r.returncode == 1 and "does not exist" in r.stderr
     (tmp_path / "fake.zip").write_bytes(b"not a zip")
     r = _run_tool("--src", str(tmp_path / "fake.zip"), "--out", str(tmp_path / "out"))
-    assert r.returncode == 2 and "not a .zip" in r.stderr
+    assert r.returncode == 1 and "not a .zip" in r.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -157,7 +157,7 @@ def test_looks_like_a_fundus():
 
 def test_cli_runs_skips_and_refuses(tmp_path):
     out = tmp_path / "s"
-    cmd = [sys.executable, str(TOOL), "--out", str(out), "--size", "96x64", "--n-train", "2", "--n-test", "1"]
+    cmd = [sys.executable, str(TOOL), "--out", str(out), "--size", "64x96", "--n-train", "2", "--n-test", "1"]
     r = subprocess.run(cmd + ["-q", "--sample", str(tmp_path / "p.jpg")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (out / IMG / SPLIT["test"] / "IDRiD_03.jpg").is_file()
@@ -166,7 +166,7 @@ def test_cli_runs_skips_and_refuses(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0 and "already generated" in r.stderr
     r = subprocess.run(cmd + ["--seed", "9"], capture_output=True, text=True)
-    assert r.returncode == 2 and "--force" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "--force" in r.stderr and "Traceback" not in r.stderr
     assert _tree_digest(out) == before
     r = subprocess.run(cmd + ["--seed", "9", "--force", "-q"], capture_output=True, text=True)
     assert r.returncode == 0 and _tree_digest(out) != before
@@ -174,8 +174,10 @@ def test_cli_runs_skips_and_refuses(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    r = subprocess.run([*cmd[:2], "--out", str(mine), "--size", "64x48", "--force"], capture_output=True, text=True)
-    assert r.returncode == 2 and "not a synthetic set" in r.stderr
+    r = subprocess.run([*cmd[:2], "--out", str(mine), "--size", "48x64", "--force"], capture_output=True, text=True)
+    assert r.returncode == 1 and "not a synthetic set" in r.stderr
     assert (mine / "notes.txt").read_text() == "keep me"
     r = subprocess.run(cmd + ["--size", "big"], capture_output=True, text=True)
-    assert r.returncode == 2 and "WIDTHxHEIGHT" in r.stderr
+    assert r.returncode == 2 and "HEIGHTxWIDTH" in r.stderr  # a usage error
+    r = subprocess.run(cmd + ["--size", "8x8"], capture_output=True, text=True)
+    assert r.returncode == 2 and "at least 16x16" in r.stderr

@@ -14,32 +14,21 @@ runs/benchmark/benchmark_<H>x<W>_<cpu|gpuN>.json). See docs/performance.md.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from redseg import cli  # noqa: E402
 from redseg.benchmark import TARGET_SIZE, BenchConfig, format_report, run_benchmark  # noqa: E402
 from redseg.fileio import write_json  # noqa: E402
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--size wants HxW, e.g. 712x1072; got {text!r}") from None
-    if h < 32 or w < 32:
-        raise argparse.ArgumentTypeError(f"--size {text}: at least 32x32 (the net downsamples 16x)")
-    return h, w
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(__doc__)
     ap.add_argument(
         "--size",
-        type=parse_size,
+        type=cli.size_at_least(32, "the net downsamples 16x"),
         default=TARGET_SIZE,
         help="image size HxW (rows x columns; default 712x1072, the paper's)",
     )
@@ -50,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
     ap.add_argument("--stages", default="1,2", help="training stages to time (default 1,2)")
     ap.add_argument("--workdir", type=Path, help="keep the generated set and nets here (default: a temp folder)")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
-    args = ap.parse_args(argv)
+    args = cli.parse(ap, argv)
     if args.repeats < 1 or args.fast_repeats < 1 or args.warmup < 0:
         ap.error("--repeats and --fast-repeats must be >= 1, --warmup >= 0")
     try:
@@ -60,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--stages wants e.g. 1,2; got {args.stages!r}")
     if not stages or set(stages) - {1, 2}:
         ap.error("--stages: 1, 2 or 1,2")
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    return cli.run(lambda: run(args, stages), ap.prog)
+
+
+def run(args, stages: tuple[int, ...]) -> int:
     cfg = BenchConfig(
         size=args.size,
         gpu=args.gpu,
@@ -70,10 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         stages=stages,
         workdir=args.workdir,
     )
-    try:
-        result = run_benchmark(cfg)
-    except RuntimeError as e:  # e.g. --gpu on a CPU-only Caffe build (redseg.caffe_utils.set_mode)
-        sys.exit(f"benchmark.py: error: {e}")
+    result = run_benchmark(cfg)  # --gpu on a CPU-only Caffe build: a RuntimeError, exit 1
     print(format_report(result))
     h, w = args.size
     mode = "cpu" if args.gpu is None else f"gpu{args.gpu}"

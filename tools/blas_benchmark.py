@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from redseg import blas  # noqa: E402
+from redseg import blas, cli  # noqa: E402
 from redseg.fileio import write_json  # noqa: E402
 
 SEED = 7
@@ -129,8 +129,13 @@ def machine() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="178x268", help="HxW (default 178x268: IDRiD at 1/16)")
+    ap = cli.parser(__doc__)
+    ap.add_argument(
+        "--size",
+        type=cli.size_at_least(32, "the net downsamples 16x"),
+        default=(178, 268),
+        help="HxW (default 178x268: IDRiD at 1/16)",
+    )
     ap.add_argument("--cores", default="Prescott,Haswell,SkylakeX", help="OpenBLAS cores, the first is the baseline")
     ap.add_argument("--rounds", type=int, default=5, help="children per core (default 5)")
     ap.add_argument("--passes", type=int, default=3, help="timed forward+backward passes per child (default 3)")
@@ -139,20 +144,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", choices=("deploy", "sgemm"), help=argparse.SUPPRESS)
     ap.add_argument("--maps", help=argparse.SUPPRESS)
     ap.add_argument("--library", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    h, w = (int(v) for v in args.size.lower().split("x"))
+    args = cli.parse(ap, argv)
     if args.child == "deploy":
-        print(json.dumps(child_deploy((h, w), args.passes, Path(args.maps))))
+        print(json.dumps(child_deploy(args.size, args.passes, Path(args.maps))))
         return 0
     if args.child == "sgemm":
         print(json.dumps(child_sgemm(args.library, args.sgemm, 5)))
         return 0
+    return cli.run(lambda: run(args), ap.prog)
 
+
+def run(args) -> int:
+    h, w = args.size
     cores = [c.strip() for c in args.cores.split(",") if c.strip()]
     ext = blas.caffe_extension()
     library = os.path.realpath(blas.linked_blas(ext)) if ext else None
     if library is None:
-        sys.exit("blas_benchmark.py: no BLAS library found behind pycaffe")
+        raise RuntimeError("no BLAS library found behind pycaffe")
     decision = blas.decide(ext)
     result: dict = {
         "tool": "tools/blas_benchmark.py",
@@ -172,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             for core in order:
                 maps = Path(tmp) / f"{core}.npz"
                 out = _spawn(
-                    ["--child", "deploy", "--size", args.size, "--passes", str(args.passes), "--maps", str(maps)], core
+                    ["--child", "deploy", "--size", f"{h}x{w}", "--passes", str(args.passes), "--maps", str(maps)], core
                 )
                 entry = result["cores"][core]
                 entry["times_s"] += [round(t, 4) for t in out["times_s"]]

@@ -10,14 +10,13 @@ Writes metrics.json, report.md, pr_curves.png and overlays/ (see docs/evaluation
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from redseg.evaluation import INTERPOLATIONS, EvaluationError, evaluate  # noqa: E402
+from redseg import cli  # noqa: E402
+from redseg.evaluation import INTERPOLATIONS, evaluate  # noqa: E402
 from redseg.report import summary_table  # noqa: E402
 
 
@@ -33,7 +32,7 @@ def default_out(pred: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(__doc__, progress=True)
     ap.add_argument("--pred", required=True, type=Path, help="folder of <image>_ma.png / <image>_he.png")
     ap.add_argument("--gt", required=True, type=Path, help="official IDRiD root or a prepared set")
     ap.add_argument("--out", type=Path, help="output folder (default: see default_out: <pred>/../eval)")
@@ -50,24 +49,23 @@ def main(argv: list[str] | None = None) -> int:
         default="linear",
         help="how predictions are resized to the label size (default linear)",
     )
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
+    args = cli.parse(ap, argv)
     if args.overlays < 0:
         ap.error("--overlays must be >= 0")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    return cli.run(lambda: run(args), ap.prog)
+
+
+def run(args) -> int:
     out = args.out if args.out is not None else default_out(args.pred)
-    try:
-        result = evaluate(
-            args.pred,
-            args.gt,
-            out,
-            at_pred_size=args.at_pred_size,
-            overlays=args.overlays,
-            interpolation=args.interp,
-            progress=not args.no_progress,
-        )
-    except EvaluationError as e:
-        sys.exit(f"evaluate.py: error: {e}")
+    result = evaluate(
+        args.pred,
+        args.gt,
+        out,
+        at_pred_size=args.at_pred_size,
+        overlays=args.overlays,
+        interpolation=args.interp,
+        progress=cli.show_progress(args),
+    )
     print(summary_table(result))
     print(f"\nreport: {Path(out) / 'report.md'}\nmetrics: {Path(out) / 'metrics.json'}")
     return 0

@@ -15,16 +15,13 @@ See docs/weights.md.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from redseg import vgg16  # noqa: E402
-from redseg.caffe_utils import CaffeInputError  # noqa: E402
+from redseg import cli, vgg16  # noqa: E402
 
 DEFAULT_OUT = Path("models/vgg16") / vgg16.CAFFE_NAME
 
@@ -44,9 +41,7 @@ def manual_help(out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = cli.parser(__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"where the Caffe weights go ({DEFAULT_OUT})")
     ap.add_argument("--check", type=Path, help="only validate this file (a Keras file is converted beside it)")
     ap.add_argument(
@@ -60,23 +55,22 @@ def main(argv: list[str] | None = None) -> int:
         help=f"try this address of {vgg16.KERAS_NOTOP.name} instead of Keras' (repeatable; size and md5 checked)",
     )
     ap.add_argument("--timeout", type=float, default=30, help="seconds without data before an address fails")
-    ap.add_argument("-q", "--quiet", action="store_true", help="warnings only")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    args = cli.parse(ap, argv)
+    return cli.run(lambda: run(args), ap.prog)
 
-    try:
-        if args.check:
-            path = vgg16.prepare_weights(args.check)
-            via = "" if path == args.check else f" (converted to {path})"
-            print(f"{args.check}: valid VGG16 weights{via}: 13 convolutions by name and shape")
-            return 0
-        keras = (vgg16.KERAS_NOTOP,)
-        if args.keras_url:
-            keras = (dataclasses.replace(vgg16.KERAS_NOTOP, urls=tuple(args.keras_url)),)
-        path, source = vgg16.fetch(args.out, caffe_urls=args.url or vgg16.CAFFE_URLS, keras=keras, timeout=args.timeout)
-        print(f"{path}: valid VGG16 weights, from {source}")
+
+def run(args) -> int:
+    if args.check:
+        path = vgg16.prepare_weights(args.check)
+        via = "" if path == args.check else f" (converted to {path})"
+        print(f"{args.check}: valid VGG16 weights{via}: 13 convolutions by name and shape")
         return 0
-    except vgg16.FetchError as e:
+    keras = (vgg16.KERAS_NOTOP,)
+    if args.keras_url:
+        keras = (dataclasses.replace(vgg16.KERAS_NOTOP, urls=tuple(args.keras_url)),)
+    try:
+        path, source = vgg16.fetch(args.out, caffe_urls=args.url or vgg16.CAFFE_URLS, keras=keras, timeout=args.timeout)
+    except vgg16.FetchError as e:  # every address tried: say why each failed, and what to do by hand
         print(
             "Could not get the ImageNet VGG16 weights. Tried, in order:\n"
             + "\n".join(f"  {url}\n    -> {why}" for url, why in e.attempts)
@@ -85,12 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    except (CaffeInputError, OSError) as e:
-        print(f"fetch_vgg16: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("fetch_vgg16: interrupted (no partial file was kept)", file=sys.stderr)
-        return 130
+    print(f"{path}: valid VGG16 weights, from {source}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -3,22 +3,28 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from redseg import cli  # noqa: E402
 from redseg.net import generate  # noqa: E402
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> int:
+    ap = cli.parser(__doc__)
     ap.add_argument("--out", default="prototxt", help="output folder (default: prototxt)")
-    args = ap.parse_args()
+    args = cli.parse(ap, argv)
+    return cli.run(lambda: run(args), ap.prog)
+
+
+def run(args) -> int:
     for path in generate(args.out):
-        print(path)
+        if not args.quiet:
+            print(path)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,8 +7,8 @@ JPEG photographs ``IDRiD_NN.jpg`` and colour TIFF masks ``IDRiD_NN_{MA,HE,EX,OD}
 of the images have no haemorrhage and no ``_HE.tif`` (IDRiD: a missing mask means no lesion).
 Feed the result to ``tools/prepare_idrid.py`` like the real archive. See redseg/synthetic.py.
 
-    python tools/make_synthetic.py --out data/synthetic_idrid            # 54 + 27 at 1072x712
-    python tools/make_synthetic.py --out /tmp/s --size 268x178 --n-train 4 --n-test 2 --seed 3
+    python tools/make_synthetic.py --out data/synthetic_idrid            # 54 + 27 at 712x1072 (HxW)
+    python tools/make_synthetic.py --out /tmp/s --size 178x268 --n-train 4 --n-test 2 --seed 3
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cv2  # noqa: E402
 
+from redseg import cli  # noqa: E402
 from redseg.config import IDRID_IMAGES_DIR, IDRID_SEG_DIR, IDRID_SPLIT_DIRS, TEST_IDS, TRAIN_IDS  # noqa: E402
 from redseg.fileio import write_image  # noqa: E402
 from redseg.synthetic import (  # noqa: E402
@@ -32,14 +33,6 @@ from redseg.synthetic import (  # noqa: E402
     generate_idrid_tree,
     preview,
 )
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 1072x712, got {text!r}") from None
-    return w, h
 
 
 def _pair(kind):
@@ -54,9 +47,14 @@ def _pair(kind):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = cli.parser(__doc__.split("\n\n")[0], progress=True)
     ap.add_argument("--out", required=True, type=Path, help="root of the tree (gets 'A. Segmentation/')")
-    ap.add_argument("--size", type=_size, default=(REFERENCE_WIDTH, 712), help="WIDTHxHEIGHT (1072x712)")
+    ap.add_argument(
+        "--size",
+        type=cli.size_at_least(16, "a fundus needs room"),
+        default=(712, REFERENCE_WIDTH),
+        help=f"HEIGHTxWIDTH of the images (712x{REFERENCE_WIDTH})",
+    )
     ap.add_argument("--n-train", type=int, default=len(TRAIN_IDS), help="training images IDRiD_01.. (54)")
     ap.add_argument("--n-test", type=int, default=len(TEST_IDS), help="test images, ids continue (27)")
     ap.add_argument("--seed", type=int, default=0, help="same seed and options -> identical files (0)")
@@ -74,13 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ex-fraction", type=float, default=0.3, help="share of images with hard exudates (0.3)")
     ap.add_argument("--sample", type=Path, help="also write a half-size JPEG preview of the first image here")
     ap.add_argument("--force", action="store_true", help="replace an existing synthetic set at --out")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    args = cli.parse(ap, argv)
+    return cli.run(lambda: run(args), ap.prog)
 
+
+def run(args) -> int:
     params = SyntheticParams(
-        width=args.size[0],
-        height=args.size[1],
+        width=args.size[1],
+        height=args.size[0],
         ma_radius=args.ma_radius,
         ma_count=args.ma_count,
         he_count=args.he_count,
@@ -88,22 +87,18 @@ def main(argv: list[str] | None = None) -> int:
         ex_fraction=args.ex_fraction,
     )
     t0 = time.perf_counter()
-    try:
-        info = generate_idrid_tree(
-            args.out, args.n_train, args.n_test, args.seed, params, force=args.force, progress=not args.quiet
-        )
-    except (ValueError, OSError) as e:
-        print(f"make_synthetic: error: {e}", file=sys.stderr)
-        return 2
+    info = generate_idrid_tree(
+        args.out, args.n_train, args.n_test, args.seed, params, force=args.force, progress=cli.show_progress(args)
+    )
     n = len(info["images"])
     no_he = sorted(k for k, v in info["images"].items() if "HE" not in v["lesions"])
     logging.info(
-        "%d images (%d train, %d test) at %dx%d in %s [%.1f s]; without HE: %s",
+        "%d images (%d train, %d test) at %dx%d (HxW) in %s [%.1f s]; without HE: %s",
         n,
         args.n_train,
         args.n_test,
-        params.width,
         params.height,
+        params.width,
         args.out,
         time.perf_counter() - t0,
         ", ".join(no_he) or "none",
@@ -115,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         small = preview(img, max(1, params.width // 2))
         args.sample.parent.mkdir(parents=True, exist_ok=True)
         write_image(args.sample, small, [cv2.IMWRITE_JPEG_QUALITY, 88])
-        logging.info("preview of %s -> %s (%s)", first.name, args.sample, "x".join(map(str, small.shape[1::-1])))
+        logging.info("preview of %s -> %s (%s)", first.name, args.sample, "x".join(map(str, small.shape[:2])))
     return 0
 
 

@@ -16,22 +16,20 @@ unfinished is only replaced with --force, and a folder that is not a prepared se
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from redseg import cli  # noqa: E402
 from redseg.config import DOWNSAMPLE  # noqa: E402
-from redseg.idrid import DEFAULT_LESIONS, MASK_RULES, IdridError, prepare  # noqa: E402
+from redseg.idrid import DEFAULT_LESIONS, prepare  # noqa: E402
+from redseg.prepared_set import MASK_RULES  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = cli.parser(__doc__.split("\n\n")[0], progress=True)
     ap.add_argument("--src", required=True, type=Path, help="IDRiD root, its 'A. Segmentation' folder, or a .zip")
     ap.add_argument("--out", required=True, type=Path, help="prepared set to write, e.g. data/idrid")
     ap.add_argument("--factor", type=int, default=DOWNSAMPLE, help=f"downsampling factor ({DOWNSAMPLE})")
@@ -48,30 +46,21 @@ def main(argv: list[str] | None = None) -> int:
         help=f"masks to write, comma-separated, must include MA,HE ({','.join(DEFAULT_LESIONS)}; OD allowed)",
     )
     ap.add_argument("--force", action="store_true", help="replace a set prepared differently or unfinished")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    args = cli.parse(ap, argv)
+    return cli.run(lambda: run(args), ap.prog)
 
+
+def run(args) -> int:
     t0 = time.perf_counter()
-    try:
-        meta = prepare(
-            args.src,
-            args.out,
-            factor=args.factor,
-            mask_rule=args.mask_rule,
-            lesions=[x for x in args.lesions.split(",") if x.strip()],
-            force=args.force,
-            progress=not args.quiet,
-        )
-    except IdridError as e:
-        print(f"prepare_idrid: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"prepare_idrid: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("prepare_idrid: interrupted (nothing was left behind)", file=sys.stderr)
-        return 130
+    meta = prepare(
+        args.src,
+        args.out,
+        factor=args.factor,
+        mask_rule=args.mask_rule,
+        lesions=[x for x in args.lesions.split(",") if x.strip()],
+        force=args.force,
+        progress=cli.show_progress(args),
+    )
     c = meta["counts"]
     if not meta.get("skipped"):  # a skipped run said "already prepared" through logging
         size = "x".join(map(str, meta["size"])) if meta["size"] else "various sizes"

@@ -21,46 +21,37 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from redseg import cli  # noqa: E402
 from redseg import config as C  # noqa: E402
-from redseg.caffe_utils import CaffeInputError  # noqa: E402
 from redseg.prepared_set import DataError, mean_bgr, read_image  # noqa: E402
 
 
+def three_numbers(text: str) -> list[float]:
+    try:
+        mean = [float(v) for v in text.split(",")]
+    except ValueError:
+        mean = []
+    if len(mean) != 3:
+        raise argparse.ArgumentTypeError(f"--mean-bgr must be three numbers B,G,R, got {text!r}")
+    return mean
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(__doc__)
     ap.add_argument("images", nargs="+", type=Path)
     ap.add_argument("--weights", type=Path, required=True)
     ap.add_argument("--data", type=Path, help="prepared set whose training mean to use")
-    ap.add_argument("--mean-bgr", help="B,G,R input mean instead of --data (default: the L-Seg IDRiD mean)")
+    ap.add_argument(
+        "--mean-bgr", type=three_numbers, help="B,G,R input mean instead of --data (default: the L-Seg IDRiD mean)"
+    )
     ap.add_argument("--width", type=int, default=C.IDRID_FULL_SIZE[0] // C.DOWNSAMPLE, help="network input width")
     ap.add_argument("--out", type=Path, default=Path("runs/segment"))
     ap.add_argument("--gpu", type=int)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        if args.mean_bgr:
-            mean = [float(v) for v in args.mean_bgr.split(",")]
-            if len(mean) != 3:
-                raise ValueError
-        elif args.data:
-            mean = mean_bgr(args.data)
-        else:
-            mean = C.LSEG_MEAN_BGR
-            logging.warning("no --data or --mean-bgr: using the L-Seg IDRiD mean %s", mean)
-    except ValueError:
-        logging.error("--mean-bgr must be three numbers B,G,R, got %r", args.mean_bgr)
-        return 2
-    except DataError as e:
-        logging.error("%s", e)
-        return 1
-    try:
-        return run(args, mean)
-    except (CaffeInputError, DataError, RuntimeError, OSError) as e:
-        logging.error("%s", e)
-        return 1
+    args = cli.parse(ap, argv)
+    return cli.run(lambda: run(args), ap.prog)
 
 
-def run(args, mean) -> int:
+def run(args) -> int:
     import cv2
 
     from redseg.caffe_utils import set_mode
@@ -68,6 +59,13 @@ def run(args, mean) -> int:
     from redseg.inference import Segmenter, to_u8
     from redseg.report import draw_overlay
 
+    if args.mean_bgr:
+        mean = args.mean_bgr
+    elif args.data:
+        mean = mean_bgr(args.data)
+    else:
+        mean = C.LSEG_MEAN_BGR
+        logging.warning("no --data or --mean-bgr: using the L-Seg IDRiD mean %s", mean)
     for p in args.images:  # every input readable before the net is built
         if not p.is_file():
             raise DataError(f"image not found: {p}")

@@ -12,21 +12,21 @@ to the original resolution.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from redseg import cli  # noqa: E402
 from redseg.caffe_utils import CaffeInputError  # noqa: E402
-from redseg.evaluation import EvaluationError, evaluate  # noqa: E402
-from redseg.prepared_set import DataError, list_path, mean_bgr, read_image, read_list, read_meta  # noqa: E402
+from redseg.evaluation import evaluate  # noqa: E402
+from redseg.prepared_set import list_path, mean_bgr, read_image, read_list, read_meta  # noqa: E402
 from redseg.report import summary_table  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(__doc__, progress=True)
     ap.add_argument("--weights", type=Path, required=True, help="trained Red-Seg .caffemodel")
     ap.add_argument("--data", type=Path, default=Path("data/idrid"), help="prepared set (default data/idrid)")
     ap.add_argument("--out", type=Path, help="output folder (default: <weights folder>/test_<weights name>)")
@@ -36,15 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", type=int, help="GPU id (default: CPU)")
     ap.add_argument("--overlays", type=int, default=3, help="overlay pictures to draw (default 3)")
     ap.add_argument("--no-eval", action="store_true", help="only write the maps")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = cli.parse(ap, argv)
     out = args.out or args.weights.parent / f"test_{args.weights.stem}"
-    try:
-        return run(args, out)
-    except (CaffeInputError, DataError, EvaluationError, RuntimeError, OSError) as e:
-        logging.error("%s", e)
-        return 1
+    return cli.run(lambda: run(args, out), ap.prog)
 
 
 def run(args, out: Path) -> int:
@@ -64,7 +58,7 @@ def run(args, out: Path) -> int:
     pred = out / "pred"
     pred.mkdir(parents=True, exist_ok=True)
     factor = int(meta.get("factor", 1))
-    for s in tqdm(samples, desc="test", unit="img", disable=args.no_progress):
+    for s in tqdm(samples, desc="test", unit="img", disable=not cli.show_progress(args)):
         img = read_image(s.image)
         for lesion, prob in seg(img).items():
             u8 = to_u8(prob)
@@ -75,7 +69,8 @@ def run(args, out: Path) -> int:
     logging.info("maps of %d images in %s", len(samples), pred)
     if args.no_eval:
         return 0
-    result = evaluate(pred, args.gt or args.data, out / "eval", overlays=args.overlays, progress=not args.no_progress)
+    progress = cli.show_progress(args)
+    result = evaluate(pred, args.gt or args.data, out / "eval", overlays=args.overlays, progress=progress)
     print(summary_table(result))
     print(f"report: {out / 'eval' / 'report.md'}")
     return 0

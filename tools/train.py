@@ -10,20 +10,17 @@ trained again unless --force.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from redseg import cli  # noqa: E402
 from redseg import config as C  # noqa: E402
-from redseg.caffe_utils import CaffeInputError  # noqa: E402
-from redseg.prepared_set import DataError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(__doc__, progress=True)
     ap.add_argument("--stage", type=int, choices=(1, 2), required=True)
     ap.add_argument("--data", type=Path, default=Path("data/idrid"), help="prepared set (default data/idrid)")
     ap.add_argument("--run", type=Path, default=Path("runs/idrid"), help="run folder for snapshots and logs")
@@ -39,11 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", default="auto", help="a .solverstate, 'auto' (default: latest in --run) or 'no'")
     ap.add_argument("--gpu", type=int, help="GPU id (default: CPU)")
     ap.add_argument("--force", action="store_true", help="train again even if the stage has finished")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = cli.parse(ap, argv)
+    return cli.run(lambda: run(args), ap.prog)
 
-    from redseg.train import StageRun, TrainingError, train_stage
+
+def run(args) -> int:
+    from redseg.train import StageRun, train_stage
 
     weights = args.weights
     if weights is None and args.stage == 2:
@@ -60,16 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         gpu=args.gpu,
         from_scratch=args.from_scratch,
         force=args.force,
-        progress=not args.no_progress,
+        progress=cli.show_progress(args),
     )
-    try:
-        final = train_stage(run)
-    except (CaffeInputError, DataError, TrainingError, RuntimeError) as e:
-        logging.error("%s", e)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    print(final)
+    print(train_stage(run))
     return 0
 
 
