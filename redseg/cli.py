@@ -20,6 +20,9 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
+
+from redseg.fileio import write_json
 
 LOG_FORMAT = "%(levelname)s %(message)s"
 # Bad input and failures the tools report in one line: the project's own errors derive from these
@@ -70,6 +73,13 @@ def size_at_least(minimum: int, why: str) -> Callable[[str], tuple[int, int]]:
         return h, w
 
     return parse_size
+
+
+def save_json(out: Path, result: dict) -> None:
+    """Write a tool's JSON result to ``out`` (its folder made, atomically) and print where."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, result)
+    print(f"\nJSON: {out}")
 
 
 def run(body: Callable[[], int | None], prog: str) -> int:

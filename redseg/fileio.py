@@ -60,6 +60,16 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = 1) -> Path:
     return write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """The JSON object in ``path``, or None when the file is missing, unreadable or holds no object
+    (how an output's own marker is read before deciding whether to keep it)."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
 def write_image(path: str | os.PathLike, img: np.ndarray, params: Sequence[int] = ()) -> Path:
     """Encode ``img`` in the format of ``path``'s suffix (OpenCV, ``params`` as cv2.imwrite's) and
     write it atomically; returns ``path``. Raises OSError when OpenCV cannot encode it."""

@@ -66,7 +66,16 @@ from redseg.config import (
     LESIONS,
     LSEG_MEAN_BGR,
 )
-from redseg.fileio import COMPLETE, building_dir, is_complete, mark_complete, write_image, write_json, write_text
+from redseg.fileio import (
+    COMPLETE,
+    building_dir,
+    is_complete,
+    mark_complete,
+    read_json_object,
+    write_image,
+    write_json,
+    write_text,
+)
 from redseg.prepared_set import MASK_RULES, downsample_mask, list_path, mask_from_pixels, write_list
 
 log = logging.getLogger(__name__)
@@ -371,17 +380,9 @@ def fingerprint(source: IdridSource, options: PrepareOptions) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return d if isinstance(d, dict) else None
-
-
 def _is_ours(folder: Path) -> bool:
     """A prepared set (finished or not) or one of our work folders - the only folders we delete."""
-    meta = _read_json(folder / "meta.json")
+    meta = read_json_object(folder / "meta.json")
     return (meta is not None and meta.get("generator") == GENERATOR) or (folder / PARTIAL).is_file()
 
 
@@ -418,7 +419,7 @@ def check_output(out: Path, fp: str, options: PrepareOptions, force: bool) -> di
         return None
     if not out.is_dir():
         raise IdridError(f"--out {out} is a file; expected a folder for the prepared set")
-    meta = _read_json(out / "meta.json")
+    meta = read_json_object(out / "meta.json")
     ours = _is_ours(out)
     if not ours:
         if any(out.iterdir()):

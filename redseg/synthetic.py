@@ -57,7 +57,7 @@ from redseg.config import (
     TEST_IDS,
     TRAIN_IDS,
 )
-from redseg.fileio import building_dir, write_image, write_json
+from redseg.fileio import building_dir, read_json_object, write_image, write_json
 
 log = logging.getLogger(__name__)
 
@@ -622,12 +622,7 @@ def generate_idrid_tree(
     }
     marker = out / MARKER
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):  # an empty folder is used
-        old = None
-        if marker.is_file():
-            try:
-                old = json.loads(marker.read_text())
-            except (OSError, json.JSONDecodeError):
-                old = None
+        old = read_json_object(marker)
         if old is not None and old.get("settings") == json.loads(json.dumps(settings)) and not force:
             log.info("already generated: %s (same seed and parameters)", out)
             return old

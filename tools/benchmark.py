@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redseg import cli  # noqa: E402
 from redseg.benchmark import TARGET_SIZE, BenchConfig, format_report, run_benchmark  # noqa: E402
-from redseg.fileio import write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,9 +65,7 @@ def run(args, stages: tuple[int, ...]) -> int:
     h, w = args.size
     mode = "cpu" if args.gpu is None else f"gpu{args.gpu}"
     out = args.json or Path("runs/benchmark") / f"benchmark_{h}x{w}_{mode}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)
-    print(f"\nJSON: {out}")
+    cli.save_json(out, result)
     return 0
 
 

@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from redseg import blas, cli  # noqa: E402
-from redseg.fileio import write_json  # noqa: E402
 
 SEED = 7
 
@@ -224,9 +223,7 @@ def run(args) -> int:
         if (e["running"] or "").lower() != core.lower():
             print(f"  note: the library ran {e['running']} when asked for {core}")
     out = args.json or Path("runs/benchmark") / f"blas_cores_{h}x{w}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)
-    print(f"\nJSON: {out}")
+    cli.save_json(out, result)
     return 0
 
 
