@@ -74,7 +74,10 @@ def write_image(path: str | os.PathLike, img: np.ndarray, params: Sequence[int] 
     """Encode ``img`` in the format of ``path``'s suffix (OpenCV, ``params`` as cv2.imwrite's) and
     write it atomically; returns ``path``. Raises OSError when OpenCV cannot encode it."""
     path = Path(path)
-    ok, buf = cv2.imencode(path.suffix, img, list(params))
+    try:
+        ok, buf = cv2.imencode(path.suffix, img, list(params))
+    except cv2.error as e:  # e.g. a suffix OpenCV has no encoder for
+        raise OSError(f"cannot encode {path}: {e}") from e
     if not ok:
         raise OSError(f"cannot encode {path}")
     return write_bytes(path, buf.tobytes())
