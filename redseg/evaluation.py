@@ -7,9 +7,10 @@ label size when they differ, thresholded at t = i/30, and TP/FP/FN are pooled ov
 before P, R and the trapezoid AUC_PR are computed (``redseg.metrics``).
 
 Ground truth comes from either
-  * the official IDRiD folder (the one holding ``A. Segmentation``): colour TIFF masks of the
-    test set (``b. Testing Set``), read by the project's one mask rule (redseg.prepared_set), a
-    missing mask file means no lesion of that kind; image names are discovered from the files present; or
+  * the official IDRiD folder (the one holding ``A. Segmentation``, or that folder itself), read
+    by the reader preparation uses (``redseg.idrid.IdridSource``): the test set (``b. Testing
+    Set``), colour TIFF masks by the project's one mask rule (redseg.prepared_set), a missing mask
+    file means no lesion of that kind, image names discovered from the files present; or
   * a prepared set (``tools/prepare_idrid.py``): its ``test.txt`` list and 0/255 PNG masks.
 See docs/data_format.md for both layouts and docs/evaluation.md for the choices made here. The
 files of a run (metrics.json, report.md, the curves and overlays) are written by redseg.report.
@@ -29,18 +30,11 @@ from tqdm import tqdm
 
 from redseg import config as C
 from redseg import metrics, report
-from redseg.config import (
-    ALL_IDRID_LESIONS,
-    IDRID_LESION_DIRS,
-    LESIONS,
-    PROTOCOL_THRESHOLDS,
-)
+from redseg.config import LESIONS, PROTOCOL_THRESHOLDS
+from redseg.idrid import IdridError, IdridSource
 from redseg.prepared_set import DataError, downsample_mask, list_path, read_list, read_mask, read_meta, require_complete
 
 log = logging.getLogger(__name__)
-
-MASK_EXTS = (".tif", ".tiff", ".png")
-PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
 # How a prediction of another size is brought to the label size (SPEC: "resized to the label size
 # if they differ"; the interpolation is not stated there, bilinear is our default).
@@ -102,10 +96,8 @@ def find_ground_truth(gt: str | os.PathLike) -> GroundTruth:
         if path.suffix.lower() == ".txt":
             return _prepared(path)
         raise EvaluationError(f"ground truth {path} is a file but not a prepared set's list file (.txt)")
-    if (path / C.IDRID_SEG_DIR).is_dir():
-        return _official(path / C.IDRID_SEG_DIR, path)
-    if path.name == C.IDRID_SEG_DIR or (path / C.IDRID_GT_DIR).is_dir():
-        return _official(path, path)
+    if (path / C.IDRID_SEG_DIR).is_dir() or path.name == C.IDRID_SEG_DIR:
+        return _official(path)
     if list_path(path, "test").is_file():
         return _prepared(list_path(path, "test"))
     raise EvaluationError(
@@ -114,48 +106,33 @@ def find_ground_truth(gt: str | os.PathLike) -> GroundTruth:
     )
 
 
-def _find_file(folder: Path, stem: str, exts: tuple[str, ...]) -> Path | None:
-    for ext in exts:
-        for cand in (folder / f"{stem}{ext}", folder / f"{stem}{ext.upper()}"):
-            if cand.is_file():
-                return cand
-    return None
-
-
-def _official(seg: Path, given: Path) -> GroundTruth:
-    gt_dir = seg / C.IDRID_GT_DIR / C.IDRID_SPLIT_DIRS["test"]
-    if not gt_dir.is_dir():
-        raise EvaluationError(f"official IDRiD ground truth: test-set mask folder {gt_dir} is missing")
-    img_dir = seg / C.IDRID_IMAGES_DIR / C.IDRID_SPLIT_DIRS["test"]
-    # Names come from every file present (all lesion kinds and the photos), so an image without
-    # any red lesion is still scored (all background) and no fixed list IDRiD_55..81 is required.
-    names: set[str] = set()
-    by_lesion: dict[str, dict[str, Path]] = {}
-    for code in ALL_IDRID_LESIONS:
-        found: dict[str, Path] = {}
-        folder = gt_dir / IDRID_LESION_DIRS[code]
-        if folder.is_dir():
-            for f in folder.iterdir():
-                suffix = f"_{code}".lower()
-                if f.suffix.lower() in MASK_EXTS and f.stem.lower().endswith(suffix):
-                    found[f.stem[: -len(suffix)]] = f
-        by_lesion[code] = found
-        names.update(found)
-    if img_dir.is_dir():
-        names.update(f.stem for f in img_dir.iterdir() if f.suffix.lower() in PHOTO_EXTS)
-    if not names:
-        raise EvaluationError(f"official IDRiD ground truth: no test masks or images under {seg}")
-    images = [
-        GtImage(
-            name,
-            {les: by_lesion[les].get(name) for les in LESIONS},
-            _find_file(img_dir, name, PHOTO_EXTS) if img_dir.is_dir() else None,
-        )
-        for name in sorted(names)
-    ]
+def _official(path: Path) -> GroundTruth:
+    """The test set of the official layout, listed by ``redseg.idrid.IdridSource``."""
+    try:
+        with IdridSource(path) as source:
+            items = source.split_images("test", LESIONS)
+            if not source.index.mask_ids["test"]:
+                raise EvaluationError(
+                    f"official IDRiD ground truth: no test-set masks under "
+                    f"'{source.index.root}/{C.IDRID_GT_DIR}/{C.IDRID_SPLIT_DIRS['test']}'"
+                )
+            for warning in source.index.warnings:
+                log.warning("%s", warning)
+            images = [
+                GtImage(
+                    it.name,
+                    {les: source.local_path(f) if f is not None else None for les, f in it.masks.items()},
+                    source.local_path(it.image) if it.image is not None else None,
+                )
+                for it in items
+            ]
+            seg = Path(source.index.root)
+    except IdridError as e:
+        raise EvaluationError(f"official IDRiD ground truth {path}: {e}") from e
+    masks = seg / C.IDRID_GT_DIR / C.IDRID_SPLIT_DIRS["test"]
     # tools/make_synthetic.py leaves synthetic.json beside "A. Segmentation": say so in the report.
     synthetic = (seg.parent / "synthetic.json").is_file()
-    return GroundTruth("official", given, images, {"masks": str(gt_dir), "synthetic": synthetic})
+    return GroundTruth("official", path, images, {"masks": str(masks), "synthetic": synthetic})
 
 
 def _prepared(list_file: Path) -> GroundTruth:

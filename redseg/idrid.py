@@ -27,7 +27,8 @@ The source is read as it comes from the IDRiD site: a folder holding ``A. Segmen
 folder itself, or a .zip of either (members are read directly, nothing is extracted). Masks are
 colour TIFFs, lesion where any colour channel is non-zero; a missing mask means "no lesion of that
 kind" and becomes an all-zero mask, listed in the summary. JPEG EXIF orientation is ignored, so
-images stay aligned with their masks.
+images stay aligned with their masks. ``IdridSource`` is the project's one reader of this layout:
+scoring against the official labels (redseg.evaluation) lists its test set with it too.
 
 The output is written into ``<out>.partial-<pid>`` and renamed to ``<out>`` when done, with
 ``.complete`` written last; a complete set prepared from the same source with the same options
@@ -180,11 +181,22 @@ class _File:
 class IdridIndex:
     """What the source holds: images per split and masks per (image, lesion)."""
 
-    root: str  # where "A. Segmentation" is, for messages
+    root: str  # the "A. Segmentation" folder as a user finds it (a path, or 'archive.zip:member')
     images: dict[str, dict[str, _File]] = field(default_factory=lambda: {"train": {}, "test": {}})
     masks: dict[tuple[str, str], _File] = field(default_factory=dict)
+    # per split: the ids with a mask filed under it (an id may have masks but no photo)
+    mask_ids: dict[str, set[str]] = field(default_factory=lambda: {"train": set(), "test": set()})
     ignored: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class IdridImage:
+    """One image id of a split: its photo and its masks per lesion (None: no such file)."""
+
+    name: str
+    image: _File | None
+    masks: dict[str, _File | None]
 
 
 class IdridSource:
@@ -258,9 +270,9 @@ class IdridSource:
             low = [p.strip().lower() for p in parts]
             for i in range(len(low) - 1):
                 if low[i] == seg_l and low[i + 1] in (img_l, gt_l):
-                    roots.add(parts[:i])
+                    roots.add(parts[: i + 1])
                     rest = list(parts[i + 1 :])
-                    found.append((parts[:i], rest, _File("/".join(rest), member, size, stamp)))
+                    found.append((parts[: i + 1], rest, _File("/".join(rest), member, size, stamp)))
                     break
         if not roots:
             raise IdridError(
@@ -269,10 +281,13 @@ class IdridSource:
                 "downloaded from the IDRiD challenge site"
             )
         if len(roots) > 1:
-            shown = ", ".join(sorted("/".join(r) or "." for r in roots))
+            shown = ", ".join(sorted("/".join(r) for r in roots))
             raise IdridError(f"several '{IDRID_SEG_DIR}' folders in {self.src} ({shown}); point --src at one")
         (root,) = roots
-        index = IdridIndex(root="/".join((str(self.src), *root)))
+        if self._zip is not None:
+            index = IdridIndex(root=f"{self.src}:{'/'.join(root)}")
+        else:
+            index = IdridIndex(root=str(self.src.parent.joinpath(*root)))
         for _, rest, f in found:
             low = [p.strip().lower() for p in rest]
             split = split_of.get(low[1]) if len(low) > 2 else None
@@ -294,18 +309,31 @@ class IdridSource:
                 if (stem, lesion) in index.masks:
                     raise IdridError(f"two {lesion} masks for {stem} ({self.describe(f)}); keep one")
                 index.masks[(stem, lesion)] = f
+                index.mask_ids[split].add(stem)
             else:
                 index.ignored.append(f.key)
-        stems = {s for split in index.images.values() for s in split}
-        for (stem, lesion), f in sorted(index.masks.items()):
-            if stem not in stems:
-                index.warnings.append(f"{f.key}: {lesion} mask of {stem}, which has no image (ignored)")
-        if not stems:
-            raise IdridError(
-                f"no images IDRiD_NN.jpg under '{index.root}/{IDRID_IMAGES_DIR}/"
-                f"{{{IDRID_SPLIT_DIRS['train']},{IDRID_SPLIT_DIRS['test']}}}'"
-            )
         return index
+
+    def split_images(self, split: str, lesions: Sequence[str] = ALL_IDRID_LESIONS) -> list[IdridImage]:
+        """The image ids of ``split`` in name order, each with its photo and its ``lesions`` masks.
+
+        An id is listed when it has a photo in the split or a mask filed under it (and no photo in
+        the other split), so an image without any lesion is listed too; a mask missing from the
+        source is None, meaning no lesion of that kind.
+        """
+        idx = self.index
+        other = {s for sp, images in idx.images.items() if sp != split for s in images}
+        names = set(idx.images[split]) | (idx.mask_ids[split] - other)
+        return [
+            IdridImage(name, idx.images[split].get(name), {x: idx.masks.get((name, x)) for x in lesions})
+            for name in sorted(names)
+        ]
+
+    def local_path(self, f: _File) -> Path:
+        """The file on disk; only for a source that is a folder (a zip member has no path)."""
+        if self._zip is not None:
+            raise IdridError(f"{self.describe(f)} is inside a zip; extract it or point at the folder")
+        return Path(f.member)
 
     def read(self, f: _File) -> bytes:
         try:
@@ -493,6 +521,11 @@ def prepare(
     options.validate()
     out = Path(out).expanduser().absolute()
     with IdridSource(src) as source:
+        if not any(source.index.images.values()):
+            raise IdridError(
+                f"no images IDRiD_NN.jpg under '{source.index.root}/{IDRID_IMAGES_DIR}/"
+                f"{{{IDRID_SPLIT_DIRS['train']},{IDRID_SPLIT_DIRS['test']}}}'"
+            )
         fp = fingerprint(source, options)
         if out.parent.is_dir():
             _remove_stale_partials(out)
@@ -589,6 +622,12 @@ def _build(source: IdridSource, work: Path, options: PrepareOptions, fp: str, tq
         log.warning("no training images in %s: meta.json carries the L-Seg mean", source.src)
     if len(sizes) > 1:
         log.warning("images of different sizes: %s", sorted(sizes))
+    stems = {s for split in idx.images.values() for s in split}
+    warnings = idx.warnings + [
+        f"{f.key}: {lesion} mask of {stem}, which has no image (ignored)"
+        for (stem, lesion), f in sorted(idx.masks.items())
+        if stem not in stems
+    ]
     size = list(next(iter(sizes))) if len(sizes) == 1 else None
     counts = {
         "train_images": splits["train"]["n_images"],
@@ -624,9 +663,9 @@ def _build(source: IdridSource, work: Path, options: PrepareOptions, fp: str, tq
         "counts": counts,
         "splits": splits,
         "ignored_files": idx.ignored,
-        "warnings": idx.warnings,
+        "warnings": warnings,
     }
-    for wmsg in idx.warnings:
+    for wmsg in warnings:
         log.warning("%s", wmsg)
     write_json(work / "summary.json", summary)
     write_text(work / "summary.md", _summary_md(summary))

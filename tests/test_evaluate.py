@@ -166,6 +166,26 @@ def test_official_missing_mask_means_no_lesion(tmp_path):
     assert result["meta"]["images"] == [*NAMES, "IDRiD_81"]
 
 
+def test_official_segmentation_folder_itself_without_photos(tmp_path):
+    """Masks alone name the images; a missing HE mask is no lesion, sized by the image's MA mask."""
+    gts, preds = make_case(13)
+    gt_root = write_official(tmp_path / "idrid", gts, photos=False, skip={("IDRiD_57", "HE")})
+    gts["IDRiD_57"]["HE"] = np.zeros((H, W), bool)
+    pred = write_preds(tmp_path / "pred", preds)
+    result = evaluate(pred, gt_root / "A. Segmentation", tmp_path / "eval", overlays=1, progress=False)
+    check(result, gts, preds)
+    assert result["meta"]["images"] == list(NAMES)
+    assert result["meta"]["missing_masks"] == {"MA": [], "HE": ["IDRiD_57"]}
+    assert result["meta"]["label_sizes"] == [[W, H]]
+
+
+def test_official_folder_without_test_masks_is_refused(tmp_path):
+    gts, _ = make_case(14)
+    gt_root = write_official(tmp_path / "idrid", gts, skip={(n, les) for n in gts for les in LESIONS})
+    with pytest.raises(EvaluationError, match="test-set mask"):
+        find_ground_truth(gt_root)
+
+
 def test_prepared_layout(tmp_path):
     gts, preds = make_case(2)
     prepared = write_prepared(tmp_path / "prepared", gts)

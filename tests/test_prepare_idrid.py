@@ -272,6 +272,21 @@ def test_wrong_folder_says_what_was_expected(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_masks_without_images(tmp_path):
+    """Preparation needs images: masks alone are refused, a mask without its image is ignored with a warning."""
+    m = np.zeros((8, 8), np.uint8)
+    m[2:4, 2:4] = 255
+    _write(_mask_path(tmp_path / "masks_only", "train", "IDRiD_01", "MA"), m)
+    with pytest.raises(IdridError, match="no images IDRiD_NN.jpg"):
+        prepare(tmp_path / "masks_only", tmp_path / "out", progress=False)
+    tree = _hand_tree(tmp_path / "tree", np.full((8, 8, 3), 90, np.uint8), {"MA": m})
+    _write(_mask_path(tree, "test", "IDRiD_60", "HE"), m)
+    prepare(tree, tmp_path / "out", factor=1, progress=False)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["splits"]["test"]["n_images"] == 0
+    assert any("IDRiD_60" in w and "no image (ignored)" in w for w in summary["warnings"])
+
+
 def test_rerun_is_a_quick_no_op_and_other_options_need_force(src, tmp_path):
     out = tmp_path / "out"
     prepare(src, out, progress=False)
