@@ -7,7 +7,7 @@ taken at its own size (rot90/rot270 samples are portrait). Shuffled with a seed,
 epoch. Decoded samples are cached in memory (uint8, the image already in Caffe's channel-first
 order) after their first use, and the next sample is loaded in a background thread while Caffe
 runs the net, so in steady state an iteration costs one fused uint8 -> float32 mean subtraction
-into the top blob and two label copies (about 1 ms at 1072x712; issue #6, docs/performance.md).
+into the top blob and two label copies (about 1 ms at 1072x712; docs/performance.md).
 
 param_str (JSON): ``list`` (path of the list file; required), ``shuffle`` (true), ``seed`` (1),
 ``cache`` (true), ``mean`` (optional [B, G, R] overriding meta.json).

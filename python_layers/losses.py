@@ -1,9 +1,9 @@
-"""Red-Seg's two training losses as Caffe ``Python`` layers (paper section 2.2; SPEC "Losses").
+"""Red-Seg's two training losses as Caffe ``Python`` layers (paper §2.2; docs/method.md#losses).
 
 Both take ``bottom[0]``: logits x (N x 1 x H x W) and ``bottom[1]``: labels y in {0, 1} of the same
 shape, and output one scalar. p = sigmoid(x). Sums run over the pixels of each image and over the
-images of the batch ([assumption, SPEC]: sums, not means, as in HED; this is what makes the paper's
-learning rates 1e-8 / 1e-9 sensible). ``param_str`` is JSON.
+images of the batch ([assumption, docs/method.md#loss-reduction]: sums, not means, as in HED; this
+is what makes the paper's learning rates 1e-8 / 1e-9 sensible). ``param_str`` is JSON.
 
 * :class:`TopKBalancedCELoss`, stage 1:
   ``L1 = -beta * sum_{y=1} log p - (1 - beta) * sum_{top-k negatives} log(1 - p)``,
@@ -16,9 +16,9 @@ Numerically stable for any logit: -log p = softplus(-x), -log(1-p) = softplus(x)
 max(x, 0) + log1p(exp(-|x|)); no per-pixel Python loops; float32 element-wise; the Top-k sums in
 float64, the FN+FP sum by numpy's float32 pairwise summation (~1e-7 relative).
 
-Why the implementation looks the way it does (issue #6): on a GPU the net takes a fraction of a
-second per iteration at 1072x712, while these 8 layers run on the CPU every iteration. So the
-Top-k layer finds its k hardest negatives by *selection* (an exact threshold found on a small
+Why the implementation looks the way it does (docs/performance.md): on a GPU the net takes a
+fraction of a second per iteration at 1072x712, while these 8 layers run on the CPU every iteration.
+So the Top-k layer finds its k hardest negatives by *selection* (an exact threshold found on a small
 candidate set, see :func:`hardest_negatives`) instead of sorting or partitioning all ~763k pixels,
 evaluates softplus and sigmoid only on the pixels that carry a loss (positives and the selected
 negatives, ~15 % of the image), and scatters its gradient into a zeroed diff. The FN+FP layer

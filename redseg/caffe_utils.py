@@ -1,6 +1,6 @@
 """Talking to Caffe safely.
 
-A failed glog ``CHECK`` inside Caffe aborts the whole Python process (SPEC section 3), so
+A failed glog ``CHECK`` inside Caffe aborts the whole Python process, so
 everything handed to Caffe is checked here first and reported as a Python exception that names
 the file and what to do.
 """

@@ -2,19 +2,19 @@
 
 Guo S. et al., "Red lesion segmentation in fundus images based on multi-task learning"
 (Red-Seg), Journal of Software (Ruan Jian Xue Bao). Section numbers below refer to that paper;
-``SPEC`` refers to the project's restatement of it (shared/SPEC.md). The net generator, the
-tools, the tests and the docs all read these values from here.
+docs/method.md states the method, the paper's numbers and each open point with our choice. The
+net generator, the tools, the tests and the docs all read these values from here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# --- Lesions (section 1; SPEC "Network") ---------------------------------------------------------
+# --- Lesions (paper §2.1; docs/method.md#lesion-branches) ---------------------------------------
 LESIONS = ("MA", "HE")  # microaneurysms, haemorrhages: the two branches, in this order
 ALL_IDRID_LESIONS = ("MA", "HE", "EX", "SE", "OD")
-# The official IDRiD segmentation archive's folder names (SPEC "Data"); every reader and writer
-# of that layout (prepare, evaluation, the synthetic generator, the tests) uses these.
+# The official IDRiD segmentation archive's folder names (docs/data_format.md); every reader and
+# writer of that layout (prepare, evaluation, the synthetic generator, the tests) uses these.
 IDRID_SEG_DIR = "A. Segmentation"
 IDRID_IMAGES_DIR = "1. Original Images"
 IDRID_GT_DIR = "2. All Segmentation Groundtruths"
@@ -40,12 +40,13 @@ BRANCH_STAGES = {"MA": (2, 3, 4), "HE": (3, 4, 5)}
 # Table 5 ablations for the MA branch (stage 1 only in the paper).
 MA_FUSION_VARIANTS = {"conv2-4": (2, 3, 4), "conv2-5": (2, 3, 4, 5), "conv1-4": (1, 2, 3, 4)}
 
-# [assumption, SPEC] lr multipliers of the authors' HED-style Caffe nets (weight, bias).
+# [assumption, docs/method.md#learning-rate-multipliers] lr multipliers of the authors' L-Seg net
+# (weight, bias); HED's fuse conv uses 0.001/0.002.
 LR_MULT_CONV = (1, 2)
 LR_MULT_CONV5 = (100, 200)
 LR_MULT_SIDE = (0.01, 0.02)
 LR_MULT_FUSE = (1, 2)
-FUSE_INIT = 0.2  # constant initial weight of the 1x1 fuse conv (HED)
+FUSE_INIT = 0.2  # constant initial weight of the 1x1 fuse conv (HED and L-Seg; docs/method.md#fillers)
 
 
 # --- Losses (section 2.2) -----------------------------------------------------------------------
@@ -119,10 +120,11 @@ IDRID_FULL_SIZE = (4288, 2848)  # (width, height) of the original photographs
 DOWNSAMPLE = 4  # images and masks are downsampled 4x to 1072x712
 TRAIN_IDS = tuple(range(1, 55))  # IDRiD_01 .. IDRiD_54
 TEST_IDS = tuple(range(55, 82))  # IDRiD_55 .. IDRiD_81
-# [assumption, SPEC] the 6x augmentation: identity, three rotations, two mirrors.
+# [assumption, docs/method.md#augmentations] the 6x augmentation: identity, three rotations, two
+# mirrors.
 AUGMENTATIONS = ("id", "rot90", "rot180", "rot270", "fliph", "flipv")
-# [assumption, SPEC] the authors' L-Seg mean for IDRiD (B, G, R); used only when a prepared set
-# carries no mean of its own.
+# [assumption, docs/method.md#input-mean] the authors' L-Seg mean for IDRiD (B, G, R); used only
+# when a prepared set carries no mean of its own.
 LSEG_MEAN_BGR = (16.3090, 56.4373, 116.5132)
 
 # --- Evaluation (section 3.3; the authors' released IDRiD protocol) ------------------------------

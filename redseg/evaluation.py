@@ -1,10 +1,11 @@
 """Scoring prediction maps against IDRiD ground truth: the numbers, nothing drawn.
 
 Used by ``tools/evaluate.py`` (any method's maps) and ``tools/test_net.py`` (right after it writes
-a model's maps). It implements the authors' released IDRiD evaluation as restated in SPEC section
-1 "Evaluation" (paper section 3.3): predictions are 8-bit maps (probability x 255), resized to the
-label size when they differ, thresholded at t = i/30, and TP/FP/FN are pooled over all test images
-before P, R and the trapezoid AUC_PR are computed (``redseg.metrics``).
+a model's maps). It implements the authors' IDRiD evaluation, released later with their SEBNet
+paper (evaluation/pr_idrid.m), not stated in the paper (§3.3 defines P, R, AUC_PR only):
+docs/method.md#the-released-protocol. Predictions are 8-bit maps (probability x 255), resized to
+the label size when they differ, thresholded at t = i/30, and TP/FP/FN are pooled over all test
+images before P, R and the trapezoid AUC_PR are computed (``redseg.metrics``).
 
 Ground truth comes from either
   * the official IDRiD folder (the one holding ``A. Segmentation``, or that folder itself), read
@@ -36,8 +37,9 @@ from redseg.prepared_set import DataError, downsample_mask, list_path, read_list
 
 log = logging.getLogger(__name__)
 
-# How a prediction of another size is brought to the label size (SPEC: "resized to the label size
-# if they differ"; the interpolation is not stated there, bilinear is our default).
+# How a prediction of another size is brought to the label size (the released script resizes to
+# the label size with MATLAB imresize, i.e. bicubic; bilinear is our default:
+# docs/method.md#resizing-for-scoring).
 INTERPOLATIONS = {
     "linear": cv2.INTER_LINEAR,
     "cubic": cv2.INTER_CUBIC,

@@ -1,10 +1,10 @@
 """From the official IDRiD segmentation archive to a prepared set (docs/data_format.md).
 
-Paper section 3.1 (SPEC "Data"): the 81 IDRiD segmentation images (54 training, 27 test,
-4288x2848 JPEG, one colour TIFF mask per lesion type) are downsampled 4x to 1072x712 and the
-training set is expanded 6x by rotation and mirroring (324 samples). The paper leaves open how
-the masks are downsampled and which six transforms are used; the choices made here are stated
-and switchable (SPEC [assumption]s):
+Paper section 3.1 (docs/method.md#task-and-data): the 81 IDRiD segmentation images (54 training, 27
+test, 4288x2848 JPEG, one colour TIFF mask per lesion type) are downsampled 4x to 1072x712 and the
+training set is expanded 6x by rotation and mirroring (324 samples). The paper leaves open how the
+masks are downsampled and which six transforms are used; the choices made here are stated and
+switchable (docs/method.md#open-points-and-our-choices):
 
 * images: ``cv2.INTER_AREA`` (pixel-area average) to ``round(W / factor) x round(H / factor)``,
   halves rounded up; a size not divisible by the factor is thus rounded to the nearest integer
@@ -18,10 +18,10 @@ and switchable (SPEC [assumption]s):
   becomes the left column); ``rot180``; ``rot270`` = ``np.rot90(a, 3)``, 90 degrees clockwise;
   ``fliph`` = left-right mirror ``a[:, ::-1]``; ``flipv`` = upside-down mirror ``a[::-1]``.
   rot90/rot270 samples are portrait (712x1072); the data layer takes each image at its own size;
-* the input mean (SPEC [assumption]: BGR minus a per-channel training mean) is the mean of the
-  downsampled training images before augmentation (rotations and mirrors do not change it) over
-  all pixels, the black surround included - as the authors' L-Seg mean (16.3, 56.4, 116.5)
-  evidently is.
+* the input mean (docs/method.md#input-mean: BGR minus a per-channel training mean) is the mean of
+  the downsampled training images before augmentation (rotations and mirrors do not change it) over
+  all pixels, the black surround included - as the authors' L-Seg mean (16.3, 56.4, 116.5) evidently
+  is.
 
 The source is read as it comes from the IDRiD site: a folder holding ``A. Segmentation``, that
 folder itself, or a .zip of either (members are read directly, nothing is extracted). Masks are

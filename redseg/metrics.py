@@ -1,11 +1,11 @@
 """Pixel-level precision/recall metrics for lesion segmentation, from 8-bit histograms.
 
 Why histograms: the predictions are 8-bit maps (probability x 255, docs/data_format.md), so every
-threshold-based quantity of the paper's evaluation (section 3.3; SPEC section 1 "Evaluation") is a
-function of two 256-bin histograms, one over lesion pixels and one over background pixels. An
-image is reduced to these two histograms with one ``np.bincount`` pass; pooling over the test set
-(the authors' protocol sums TP/FP/FN over ALL images, it does not average per image) is then a sum
-of histograms, and every curve costs O(256).
+threshold-based quantity of the paper's evaluation (paper §3.3;
+docs/method.md#the-released-protocol) is a function of two 256-bin histograms, one over lesion
+pixels and one over background pixels. An image is reduced to these two histograms with one
+``np.bincount`` pass; pooling over the test set (the authors' protocol sums TP/FP/FN over ALL
+images, it does not average per image) is then a sum of histograms, and every curve costs O(256).
 
 Conventions used throughout (stated once here, repeated in docs/evaluation.md):
 
@@ -78,7 +78,7 @@ def u8_threshold(t: float) -> int:
 
 
 def protocol_thresholds() -> np.ndarray:
-    """The protocol's 31 thresholds t = i / 30, i = 0..30 (SPEC section 1 "Evaluation")."""
+    """The protocol's 31 thresholds t = i / 30, i = 0..30 (docs/method.md#the-released-protocol)."""
     n = PROTOCOL_THRESHOLDS - 1
     return np.array([i / n for i in range(PROTOCOL_THRESHOLDS)], dtype=np.float64)
 
@@ -123,7 +123,7 @@ def _scores(tp: int, fp: int, fn: int, t: float, v: int) -> dict:
 
 
 def protocol_auc_pr(pos_hist: np.ndarray, neg_hist: np.ndarray) -> tuple[float, dict]:
-    """AUC_PR by the authors' released IDRiD protocol (SPEC section 1 "Evaluation", paper 3.3).
+    """AUC_PR by the authors' released IDRiD protocol (docs/method.md#the-released-protocol).
 
     31 thresholds t = i/30; TP/FP/FN pooled over all images (the histograms are already pooled);
     a threshold is skipped when TP+FP = 0 (no precision), TP+FN = 0 (no lesion pixel at all) or
@@ -131,9 +131,10 @@ def protocol_auc_pr(pos_hist: np.ndarray, neg_hist: np.ndarray) -> tuple[float, 
     front, and the area is the trapezoid rule over recall.
 
     Ties in recall (two thresholds with the same TP) are ordered by falling threshold, i.e. the
-    curve is traced as the threshold comes down (the higher-precision point first). This is our
-    choice: SPEC does not say how the MATLAB code orders equal recalls; it matters only when no
-    lesion pixel falls between two protocol thresholds.
+    curve is traced as the threshold comes down (the higher-precision point first). The released
+    script reverses its list of points collected by rising threshold, which gives this order
+    (docs/method.md#equal-recalls); it matters only when no lesion pixel falls between two
+    protocol thresholds.
 
     Returns ``(auc, curve)``; ``auc`` is nan when there is no lesion pixel. ``curve`` has numpy
     arrays ``recall``, ``precision``, ``threshold`` (the points integrated, the prepended point
@@ -204,8 +205,8 @@ def at_threshold(pos_hist: np.ndarray, neg_hist: np.ndarray, t: float) -> dict:
     """Precision, recall, F1 and IoU of the pooled pixels predicted positive at ``t``.
 
     ``t`` in [0, 1]; the 8-bit cut is ``u8_threshold(t)`` (0.5 -> 128). The protocol reads F1 and
-    IoU at t = 0.5 (SPEC section 1). Undefined ratios are nan. Also returns tp/fp/fn and the
-    8-bit cut ``threshold_u8``.
+    IoU at t = 0.5 (docs/method.md#the-released-protocol). Undefined ratios are nan. Also returns
+    tp/fp/fn and the 8-bit cut ``threshold_u8``.
     """
     pos, neg = _check_hists(pos_hist, neg_hist)
     v = u8_threshold(t)
@@ -217,7 +218,8 @@ def break_even(pos_hist: np.ndarray, neg_hist: np.ndarray) -> dict:
     """Scores at the 8-bit threshold where |P - R| is smallest (the P-R break-even point).
 
     Why: every P in the paper's Table 2 is within 0.01 of its R, which suggests the paper reports
-    P and R at break-even rather than at t = 0.5 (SPEC section 1). Candidates are v = 0..255 at
+    P and R at break-even rather than at t = 0.5; our reading, not the paper's statement
+    (docs/method.md#p-and-r-at-break-even). Candidates are v = 0..255 at
     which some lesion pixel is found (TP > 0; like the protocol's skip rule for P = R = 0, a
     threshold that finds nothing is no break-even point, though its |P - R| = 0). Tie rule: among
     thresholds with the same smallest |P - R| the highest v wins (identical counts for a run of v

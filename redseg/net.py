@@ -1,6 +1,6 @@
 """Red-Seg nets and solvers, built with ``caffe.NetSpec`` (the style of FCN's net.py).
 
-Architecture: paper Table 1 and Figs. 2-4 (SPEC section 1 "Network"):
+Architecture: paper Table 1 and Figs. 2-4 (docs/method.md#network):
 
 * encoder: the 13 convolutions of VGG16 (3x3, pad 1, ReLU), max pooling 2x2/2 between stages,
   no pool5 and no fully connected layers;
@@ -9,9 +9,10 @@ Architecture: paper Table 1 and Figs. 2-4 (SPEC section 1 "Network"):
   input size, each with its own deeply supervised loss; the side maps concatenated and fused by a
   1x1 convolution, with a fourth loss. The sigmoid of the fused map is the probability map.
 
-[assumption, SPEC] Upsampling is Caffe's idiom: a ``Deconvolution`` with a fixed bilinear kernel
-(kernel 2f, stride f, lr_mult 0, no bias) then a ``Crop`` to the data blob (offsets from
-``caffe.coord_map.crop``). lr multipliers follow the authors' HED-style nets (redseg.config).
+[assumption, docs/method.md#upsampling] Upsampling is Caffe's idiom: a ``Deconvolution`` with a
+fixed bilinear kernel (kernel 2f, stride f, lr_mult 0, no bias) then a ``Crop`` to the data blob
+(offsets from ``caffe.coord_map.crop``). lr multipliers follow the authors' L-Seg net
+(redseg.config; docs/method.md#learning-rate-multipliers).
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def loss_layer(score, label, opts: NetOptions):
         module=LOSS_MODULE,
         layer=cls,
         param_str=json.dumps(param, sort_keys=True),
-        loss_weight=1,  # SPEC: every loss has weight 1
+        loss_weight=1,  # docs/method.md#loss-weights
     )
 
 

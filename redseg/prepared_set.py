@@ -130,7 +130,7 @@ def read_meta(prepared: str | os.PathLike) -> dict:
 
 
 def mean_bgr(prepared: str | os.PathLike) -> np.ndarray:
-    """Per-channel BGR mean of the prepared training images (SPEC: computed on the training set)."""
+    """Per-channel BGR mean of the prepared training images (docs/method.md#input-mean)."""
     meta = read_meta(prepared)
     if "mean_bgr" not in meta:
         log.warning("%s/meta.json has no mean_bgr; using the L-Seg IDRiD mean %s", prepared, C.LSEG_MEAN_BGR)
@@ -209,7 +209,7 @@ def downsample_mask(mask: np.ndarray, shape: tuple[int, int], rule: str = "any")
 
 
 def image_blob(img: np.ndarray, mean: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """BGR uint8 HxWx3 -> float32 1x3xHxW minus the per-channel mean (SPEC "Data")."""
+    """BGR uint8 HxWx3 -> float32 1x3xHxW minus the per-channel mean (docs/method.md#input-mean)."""
     chw = img.transpose(2, 0, 1)
     if out is None:
         out = np.empty((1, *chw.shape), dtype=np.float32)

@@ -1,4 +1,4 @@
-"""The Top-k lambda staircase of the stage-1 loss (paper section 2.2, SPEC "Losses").
+"""The Top-k lambda staircase of the stage-1 loss (paper §2.2; docs/method.md#the-lambda-schedule).
 
 Only the fraction of negatives the Top-k balanced loss keeps at each stage-1 iteration; the solver
 schedules (learning rates, iterations, snapshots, and the period S used here) are
@@ -22,6 +22,9 @@ def topk_lambda(r: int, lambda0: float, period: int, max_iter: int) -> float:
 
 
 def kept_negatives(lam: float, n_neg: int) -> int:
-    """[assumption, SPEC] lambda is a fraction: keep k = ceil(lambda * N-) hardest negatives."""
+    """Keep k = ceil(lambda * N-) hardest negatives: lambda is a fraction of the negatives.
+
+    [assumption, docs/method.md#lambda-is-a-fraction]
+    """
     # The small epsilon keeps float noise (e.g. 0.14 * 100 = 14.000000000000002) from adding one.
     return min(n_neg, max(0, math.ceil(lam * n_neg - 1e-9)))

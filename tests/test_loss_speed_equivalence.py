@@ -1,4 +1,4 @@
-"""The fast Python layers (issue #6) compute exactly what they computed before, only faster.
+"""The fast Python layers (docs/performance.md) compute exactly what they computed before, faster.
 
 python_layers/losses.py selects the Top-k negatives from a subsampled threshold guess plus an exact
 partition of a candidate set, and evaluates the FN+FP loss with cancellation-free in-place
@@ -288,7 +288,7 @@ def test_data_layer_output_equals_image_blob(caffe, tmp_path, tiny_set):
 
 
 def test_benchmark_tool_runs_and_writes_the_json(tmp_path, venv_python):
-    """A tiny run of the issue #6 benchmark: real nets, every measurement present, same numbers."""
+    """A tiny run of the benchmark (docs/performance.md): real nets, every measurement, same numbers."""
     import subprocess
     from pathlib import Path
 

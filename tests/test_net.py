@@ -31,7 +31,8 @@ def test_train_net_has_vgg16_encoder_and_eight_losses():
     losses = [lay for lay in param.layer if lay.type == "Python" and lay.python_param.module == "losses"]
     assert sorted(lay.name for lay in losses) == sorted(sum(loss_names().values(), []))
     assert all(lay.python_param.layer == "TopKBalancedCELoss" and lay.loss_weight == [1] for lay in losses)
-    # Side convs sit on the stages of SPEC: MA on conv2_2/3_3/4_3, HE on conv3_3/4_3/5_3.
+    # Side convs sit on the stages of docs/method.md#lesion-branches: MA on conv2_2/3_3/4_3, HE on
+    # conv3_3/4_3/5_3.
     sides = {lay.name: lay.bottom[0] for lay in param.layer if lay.name.startswith("side_")}
     assert sides == {
         "side_ma_conv2": "conv2_2",

@@ -1,8 +1,8 @@
 """Preparing the official IDRiD layout (redseg/idrid.py, tools/prepare_idrid.py).
 
-Paper section 3.1: downsample 4x, expand the training set 6x; the SPEC [assumption]s (mask rule,
-the six transforms, the training mean) are checked against independent computations here, on
-small synthetic and hand-made trees in the official layout.
+Paper section 3.1: downsample 4x, expand the training set 6x; the choices of docs/method.md (mask
+rule, augmentations, input mean) are checked against independent computations here, on small
+synthetic and hand-made trees in the official layout.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""ImageNet VGG16 weights from Keras' HDF5 file (issue 15): conversion, recognition, fetching, refusals.
+"""ImageNet VGG16 weights from Keras' HDF5 file (docs/weights.md): conversion, recognition,
+fetching, refusals.
 
 No test downloads: files are written here in Keras' exact layout with known random weights, and the
 fetch chain is exercised with file:// addresses and a local HTTP server on 127.0.0.1.

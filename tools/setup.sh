@@ -155,7 +155,7 @@ fetch_user_src() { # $1 = build dir, $2 = where the tree goes
 
 # A CUDA toolkit root for CMake: the nvcc toolkit itself when it has cuBLAS and cuRAND, otherwise
 # one assembled in the cache from that toolkit plus cuBLAS/cuRAND from NVIDIA's PyPI wheels (the
-# nvcc shipped on some machines lacks them; SPEC section 2).
+# nvcc shipped on some machines lacks them; docs/gpu.md).
 assemble_cuda_root() {
   local nvcc base ver major minor root wheels suffix
   nvcc=$(command -v nvcc) || die "CUDA=1: no nvcc on PATH; set CUDA_ROOT=<toolkit root with bin/nvcc>"
