@@ -428,8 +428,7 @@ def decide(extension: str | None = None, library_link: str | None = None, cpu=_T
         return rec
     candidates = candidate_cores(default["reported"], cpu["flags"] if cpu else ())
     if not candidates:
-        why = "suits this CPU" if cpu else "stays (no CPU flags to judge by off Linux x86-64)"
-        rec["reason"] = f"the library's default core {default['reported']} {why}"
+        rec["reason"] = "it suits this CPU" if cpu else "no CPU flags to judge by off Linux x86-64"
         return rec
     for core in candidates:
         c = check(key["library"], core, probe_fn)
