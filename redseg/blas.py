@@ -214,8 +214,9 @@ def decision_path() -> str:
     """Where the decision lives: inside the venv, or in the user's cache for a Python without one."""
     if sys.prefix != getattr(sys, "base_prefix", sys.prefix):
         return os.path.join(sys.prefix, DECISION_FILE)
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "redseg", DECISION_FILE)
+    from redseg.fileio import cache_root  # standard library only, cheap for the start-up hook
+
+    return str(cache_root() / DECISION_FILE)
 
 
 # --- probing in a subprocess -----------------------------------------------------------------------

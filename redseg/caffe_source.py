@@ -15,7 +15,7 @@ tree that already has it, so they apply to the 1.0 release, to the last upstream
 Debian's tree alike.
 
 This module is used by ``tools/setup.sh`` through its command line (``python -m
-redseg.caffe_source ...``) and needs nothing beyond the standard library.
+redseg.caffe_source ...``) and needs nothing beyond the standard library and redseg.fileio.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from redseg.fileio import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +79,7 @@ def tree_digest(root: Path) -> str:
         if p.is_symlink():
             h.update(f"L {rel}\0{os.readlink(p)}\n".encode())
         else:
-            h.update(f"F {rel}\0{file_sha256(p)}\n".encode())
-    return h.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
+            h.update(f"F {rel}\0{file_digest(p)}\n".encode())
     return h.hexdigest()
 
 
@@ -314,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                 check_caffe_tree(args.src)
                 print(f"src-{tree_digest(args.src)[:12]}")
             elif args.src.is_file():
-                print(f"src-{file_sha256(args.src)[:12]}")
+                print(f"src-{file_digest(args.src)[:12]}")
             else:
                 raise SourceError(f"CAFFE_SRC={args.src}: no such file or folder")
         elif args.cmd == "get":

@@ -12,15 +12,17 @@ Every file and folder the project writes goes through here:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import cv2
-import numpy as np
+if TYPE_CHECKING:  # OpenCV and numpy load only when an image is written: setup and the BLAS hook
+    import numpy as np  # import this module before those packages are needed
 
 COMPLETE = ".complete"  # the completion stamp of a finished folder (a prepared set)
 
@@ -73,6 +75,8 @@ def read_json_object(path: str | os.PathLike) -> dict | None:
 def write_image(path: str | os.PathLike, img: np.ndarray, params: Sequence[int] = ()) -> Path:
     """Encode ``img`` in the format of ``path``'s suffix (OpenCV, ``params`` as cv2.imwrite's) and
     write it atomically; returns ``path``. Raises OSError when OpenCV cannot encode it."""
+    import cv2
+
     path = Path(path)
     try:
         ok, buf = cv2.imencode(path.suffix, img, list(params))
@@ -132,3 +136,21 @@ def mark_complete(folder: Path, text: str = "") -> None:
 def is_complete(folder: Path) -> bool:
     """Whether ``folder`` carries its completion stamp (was finished, not interrupted)."""
     return (Path(folder) / COMPLETE).is_file()
+
+
+def cache_root() -> Path:
+    """The project's cache outside the repository, as tools/setup.sh places it:
+    ``${REDSEG_CACHE:-${XDG_CACHE_HOME:-~/.cache}/redseg}`` (Caffe builds, the VGG16 conversion)."""
+    base = os.environ.get("REDSEG_CACHE")
+    if base:
+        return Path(base)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "redseg"
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB chunks (a 528 MB model never sits in memory)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

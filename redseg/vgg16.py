@@ -32,7 +32,7 @@ import numpy as np
 
 from redseg import config as C
 from redseg.caffe_utils import CaffeInputError, import_caffe, read_caffemodel
-from redseg.fileio import atomic_path, write_json
+from redseg.fileio import atomic_path, cache_root, file_digest, write_json
 
 log = logging.getLogger(__name__)
 
@@ -304,17 +304,13 @@ def write_caffemodel(convs: dict[str, tuple[np.ndarray, np.ndarray]], path: Path
 
 
 def file_md5(path: str | os.PathLike) -> str:
-    h = hashlib.md5()  # noqa: S324 - the published checksum of Keras' files, not a security measure
-    with Path(path).open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    """The md5 Keras publishes for its files (a checksum, not a security measure)."""
+    return file_digest(path, "md5")
 
 
 def cache_dir() -> Path:
-    """``${REDSEG_CACHE:-${XDG_CACHE_HOME:-~/.cache}/redseg}/vgg16``, as tools/setup.sh places its cache."""
-    base = os.environ.get("REDSEG_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "redseg"
-    return Path(base) / "vgg16"
+    """Where a conversion goes when the source's folder is read-only: ``<cache>/vgg16``."""
+    return cache_root() / "vgg16"
 
 
 def converted_path(source: Path) -> Path:

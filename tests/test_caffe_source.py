@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from redseg import caffe_source as cs
+from redseg.fileio import file_digest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -100,7 +101,7 @@ def test_caffe_src_as_tarball_and_as_folder(built, pristine, tmp_path):
     tarball = built / "source.tar.gz"
     r = _setup(tmp_path, CAFFE_SRC=str(tarball))
     assert r.returncode == 0, r.stderr
-    label = f"src-{cs.file_sha256(tarball)[:12]}"  # the cache key names the source
+    label = f"src-{file_digest(tarball)[:12]}"  # the cache key names the source
     src = next((tmp_path / "cache").glob(f"caffe-{label}-p{cs.patchset_id()}-cpu-py*/src"))
     assert "source ready" in r.stdout and str(src) in r.stdout
     _assert_same_sources(src, built / "src")
