@@ -10,8 +10,11 @@ GPU      ?=
 VGG16    ?= models/vgg16/VGG_ILSVRC_16_layers.caffemodel
 WEIGHTS  ?= $(RUN)/stage2_final.caffemodel
 FROM_SCRATCH ?=
+ITERS    ?=
+LR       ?=
 GPU_FLAG := $(if $(GPU),--gpu $(GPU),)
-TRAIN    := $(PY) tools/train.py --data $(DATA) --run $(RUN) --schedule $(SCHEDULE) $(GPU_FLAG)
+BUDGET   := $(if $(ITERS),--max-iter $(ITERS),) $(if $(LR),--base-lr $(LR),)
+TRAIN    := $(PY) tools/train.py --data $(DATA) --run $(RUN) --schedule $(SCHEDULE) $(GPU_FLAG) $(BUDGET)
 
 DEMO     := runs/demo
 
@@ -25,7 +28,7 @@ help:
 	@echo "make demo       the whole pipeline on a synthetic fundus set -> runs/demo/report.md"
 	@echo "make data IDRID=/path/to/IDRiD   prepare the official IDRiD segmentation set into $(DATA)"
 	@echo "make vgg16      fetch/validate ImageNet VGG16 weights into $(VGG16)"
-	@echo "make stage1 stage2 [SCHEDULE=paper|demo|smoke] [GPU=0] [DATA=...] [RUN=...]"
+	@echo "make stage1 stage2 [SCHEDULE=paper|demo|smoke] [GPU=0] [DATA=...] [RUN=...] [ITERS=N] [LR=x]"
 	@echo "make evaluate [IDRID=/path]  maps + metrics of $(WEIGHTS) -> $(RUN)/test (full-size labels with IDRID)"
 	@echo "make prototxt   regenerate prototxt/ from redseg/net.py"
 	@echo "make benchmark  [SIZE=712x1072] [GPU=0] timings -> runs/benchmark/ (docs/performance.md)"

@@ -63,6 +63,9 @@ class StageSchedule:
     max_iter: int
     snapshot: int
     display: int = 20
+    # Every this many iterations the driver evaluates the train net's losses on the test list
+    # (paper Fig. 6: training and test loss over the iterations); 0 = never.
+    test_interval: int = 0
 
 
 @dataclass(frozen=True)
@@ -86,8 +89,8 @@ SCHEDULES = {
     # The paper: 300 epochs of stage 1 at lr 1e-8, then 20 epochs of stage 2 at lr 1e-9.
     "paper": TrainingSchedule(
         "paper",
-        StageSchedule(1e-8, 97_200, 10_000),
-        StageSchedule(1e-9, 6_480, 3_240),
+        StageSchedule(1e-8, 97_200, 10_000, test_interval=3_240),  # test loss every 10 epochs
+        StageSchedule(1e-9, 6_480, 3_240, test_interval=648),  # and every 2 epochs of stage 2
         LAMBDA_PERIOD,
         "the paper's schedule (Algorithm 1): 97,200 + 6,480 iterations at lr 1e-8 / 1e-9",
     ),
@@ -100,16 +103,16 @@ SCHEDULES = {
     # 40 iterations (measured; see README "Measured").
     "demo": TrainingSchedule(
         "demo",
-        StageSchedule(1e-7, 486, 162, display=10),
-        StageSchedule(5e-11, 32, 32, display=10),
+        StageSchedule(1e-7, 486, 162, display=10, test_interval=54),
+        StageSchedule(5e-11, 32, 32, display=10, test_interval=8),
         50,
         "demo schedule: 486 + 32 iterations at lr 1e-7 / 5e-11 from scratch on small images (not the paper's)",
     ),
     # S does not divide M, as in the paper (9.72 periods), so lambda never reaches 0.
     "smoke": TrainingSchedule(
         "smoke",
-        StageSchedule(1e-6, 10, 5, display=1),
-        StageSchedule(1e-7, 4, 2, display=1),
+        StageSchedule(1e-6, 10, 5, display=1, test_interval=5),
+        StageSchedule(1e-7, 4, 2, display=1, test_interval=2),
         4,
         "smoke-test schedule: 10 + 4 iterations (lambda steps at 4 and 8)",
     ),

@@ -12,6 +12,7 @@ NaN, and snapshot on Ctrl-C.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ from redseg.caffe_utils import (
     read_binary_proto,
     set_mode,
 )
-from redseg.fileio import atomic_path, write_text
+from redseg.fileio import atomic_path, write_json, write_text
 from redseg.prepared_set import list_path, read_list, read_meta
 from redseg.vgg16 import prepare_weights as prepare_vgg16
 
@@ -60,6 +61,14 @@ class StageRun:
     from_scratch: bool = False
     force: bool = False
     progress: bool = True
+    # Budgets: override the schedule's lr / iteration count for this stage (a short trial at the
+    # paper's lr, say). The Top-k staircase keeps the schedule's S and M, so a shortened stage 1 is
+    # the beginning of the full one. The run records them (stage<N>_run.json).
+    base_lr: float | None = None
+    max_iter: int | None = None
+    # Fig. 6: evaluate the train net's losses on the prepared set's test list every
+    # ``test_interval`` iterations of the schedule (stage<N>_test_log.csv).
+    test_loss: bool = True
 
     @property
     def prefix(self) -> Path:
@@ -71,7 +80,43 @@ class StageRun:
 
     @property
     def stage_schedule(self) -> C.StageSchedule:
-        return self.schedule.stage1 if self.stage == 1 else self.schedule.stage2
+        """This stage's solver settings: the schedule's, with the run's budgets applied."""
+        st = self.schedule.stage1 if self.stage == 1 else self.schedule.stage2
+        if self.base_lr is not None:
+            st = dataclasses.replace(st, base_lr=float(self.base_lr))
+        if self.max_iter is not None:
+            st = dataclasses.replace(st, max_iter=int(self.max_iter))
+        return st
+
+    @property
+    def overrides(self) -> dict:
+        """The budgets that differ from the schedule's values."""
+        st = self.schedule.stage1 if self.stage == 1 else self.schedule.stage2
+        out = {}
+        if self.base_lr is not None and not math.isclose(self.base_lr, st.base_lr):
+            out["base_lr"] = float(self.base_lr)
+        if self.max_iter is not None and self.max_iter != st.max_iter:
+            out["max_iter"] = int(self.max_iter)
+        return out
+
+    def record(self) -> dict:
+        """What this stage trains with, for stage<N>_run.json and the reproduction's tables."""
+        st = self.stage_schedule
+        paper = self.schedule.name == "paper" and not self.overrides and not self.from_scratch
+        return {
+            "stage": self.stage,
+            "schedule": self.schedule.name,
+            "base_lr": st.base_lr,
+            "max_iter": st.max_iter,
+            "lambda_period": self.schedule.lambda_period,
+            "overrides": self.overrides,
+            "from_scratch": self.from_scratch,
+            "paper_settings": paper,
+            "net": str(self.net) if self.net else None,
+            "solver": str(self.solver) if self.solver else None,
+            "weights": str(self.weights) if self.weights else None,
+            "data": str(self.data),
+        }
 
 
 def _resolve(p: str) -> Path:
@@ -82,8 +127,17 @@ def _resolve(p: str) -> Path:
     return (REPO / path).resolve()
 
 
+def validate_budget(base_lr: float | None, max_iter: int | None) -> None:
+    """Refuse budgets Caffe would choke on, before it starts."""
+    if base_lr is not None and not (math.isfinite(base_lr) and base_lr > 0):
+        raise CaffeInputError(f"--base-lr must be a positive number, got {base_lr}")
+    if max_iter is not None and max_iter < 1:
+        raise CaffeInputError(f"--max-iter must be at least 1, got {max_iter}")
+
+
 def materialise(run: StageRun) -> Path:
-    """Write the run's solver and train net; returns the solver path."""
+    """Write the run's solver and train net (and, for the test loss, the same net reading the test
+    list); returns the solver path."""
     import_caffe()
     from caffe.proto import caffe_pb2
     from google.protobuf import text_format
@@ -119,6 +173,14 @@ def materialise(run: StageRun) -> Path:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     run_net = run.run_dir / f"stage{run.stage}_train.prototxt"
     write_text(run_net, text_format.MessageToString(npar))
+    if run.test_loss and run.stage_schedule.test_interval:
+        test_list = list_path(run.data, "test").resolve()
+        for layer in npar.layer:
+            if layer.type == "Python" and layer.python_param.layer == "RedSegData":
+                params = json.loads(layer.python_param.param_str)
+                params.update(list=str(test_list), shuffle=False)
+                layer.python_param.param_str = json.dumps(params, sort_keys=True)
+        write_text(test_loss_net_path(run), text_format.MessageToString(npar))
     if sp.iter_size not in (0, 1):
         raise CaffeInputError(
             f"{template}: iter_size {sp.iter_size}; Red-Seg trains with batch size 1 and iter_size 1 "
@@ -137,6 +199,65 @@ def materialise(run: StageRun) -> Path:
     run_solver = run.run_dir / f"stage{run.stage}_solver.prototxt"
     write_text(run_solver, text_format.MessageToString(sp))
     return run_solver
+
+
+def test_loss_net_path(run: StageRun) -> Path:
+    return run.run_dir / f"stage{run.stage}_testloss.prototxt"
+
+
+class TestLoss:
+    """Fig. 6's test curve: the train net's losses averaged over the test list, weights shared.
+
+    A net built from the run's train net with its data layer reading the test list in order shares
+    the solver's weights (``Net.share_with``: no copy) and runs forward once per test image. It is
+    built for each evaluation and dropped after it, so it holds memory only while it runs. The
+    Top-k layers use the solver's current lambda.
+    """
+
+    def __init__(self, caffe, run: StageRun, solver, names: list[str], resume_iter: int):
+        self.caffe, self.run, self.solver, self.names = caffe, run, solver, names
+        self.n_images = len(read_list(list_path(run.data, "test")))
+        self.interval = run.stage_schedule.test_interval
+        self.log = LossLog(run.run_dir / f"stage{run.stage}_test_log.csv", names, resume_iter)
+
+    def due(self, it: int, max_iter: int) -> bool:
+        return it % self.interval == 0 or it == max_iter
+
+    def __call__(self) -> dict:
+        t0 = time.perf_counter()
+        net = self.caffe.Net(str(test_loss_net_path(self.run)), self.caffe.TEST)
+        try:
+            net.share_with(self.solver.net)
+            topk = _topk_layers(net)
+            for layer in topk:
+                layer.iteration = max(self.solver.iter, 1)
+            sums = dict.fromkeys(self.names, 0.0)
+            for _ in range(self.n_images):
+                net.forward()
+                for n in self.names:
+                    sums[n] += net.blobs[n].data.item()
+        finally:
+            _data_layer(net).pool.shutdown(wait=True)
+            del net
+        vals = {n: v / self.n_images for n, v in sums.items()}
+        bad = [n for n, v in vals.items() if not math.isfinite(v)]
+        ma = sum(v for n, v in vals.items() if n.startswith("loss_ma"))
+        he = sum(v for n, v in vals.items() if n.startswith("loss_he"))
+        lam = topk_lambda_at(self.run, self.solver.iter) if topk else float("nan")
+        row = {"iter": self.solver.iter, "lambda": lam, "loss_ma": ma, "loss_he": he}
+        self.log.write({**row, "seconds": time.perf_counter() - t0, **vals})
+        if bad:
+            log.warning("test loss %s is %s at iteration %d", bad[0], vals[bad[0]], self.solver.iter)
+        return row
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def topk_lambda_at(run: StageRun, it: int) -> float:
+    from redseg.topk_schedule import topk_lambda
+
+    return topk_lambda(max(it, 1), C.LAMBDA0, run.schedule.lambda_period, run.schedule.stage1.max_iter)
 
 
 def latest_solverstate(run: StageRun) -> Path | None:
@@ -255,6 +376,9 @@ def train_stage(run: StageRun) -> Path:
         return run.final
     samples = read_list(list_path(run.data, "train"))  # names the first missing file, before Caffe starts
     read_meta(run.data)
+    validate_budget(run.base_lr, run.max_iter)
+    if run.test_loss and run.stage_schedule.test_interval:
+        read_list(list_path(run.data, "test"))
     caffe = set_mode(run.gpu)
     resume = None
     if run.resume == "auto":
@@ -266,6 +390,7 @@ def train_stage(run: StageRun) -> Path:
     else:
         _archive_previous(run)
     solver_path = materialise(run)
+    write_json(run.run_dir / f"stage{run.stage}_run.json", run.record())
     solver = caffe.get_solver(str(solver_path))
     net = solver.net
     if resume is not None:
@@ -281,6 +406,11 @@ def train_stage(run: StageRun) -> Path:
     start_iter = solver.iter
     names = [b for b in net.outputs if b.startswith("loss_")]
     loss_log = LossLog(run.run_dir / f"stage{run.stage}_log.csv", names, solver.iter)
+    test = None
+    if run.test_loss and run.stage_schedule.test_interval:
+        test = TestLoss(caffe, run, solver, names, solver.iter)
+        if solver.iter == 0:
+            test()
     log.info(
         "stage %d: %d training samples, iterations %d..%d, lr %g, %s",
         run.stage, len(samples), solver.iter + 1, max_iter, run.stage_schedule.base_lr, run.schedule.description,
@@ -313,6 +443,9 @@ def train_stage(run: StageRun) -> Path:
             he = sum(v for n, v in vals.items() if n.startswith("loss_he"))
             lam = topk[0].last.get("lambda_", float("nan")) if topk else float("nan")
             loss_log.write({"iter": solver.iter, "lambda": lam, "loss_ma": ma, "loss_he": he, "seconds": dt, **vals})
+            if test is not None and test.due(solver.iter, max_iter):
+                row = test()
+                log.info("iteration %d: test loss MA %.4g, HE %.4g", solver.iter, row["loss_ma"], row["loss_he"])
             if bar is not None:
                 post = {"MA": f"{ma:.4g}", "HE": f"{he:.4g}"}
                 if topk:
@@ -333,6 +466,8 @@ def train_stage(run: StageRun) -> Path:
         if bar is not None:
             bar.close()
         loss_log.close()
+        if test is not None:
+            test.close()
     snap_every = run.stage_schedule.snapshot
     if solver.iter > start_iter and not (snap_every and max_iter % snap_every == 0):
         solver.snapshot()  # Caffe snapshots only at multiples of `snapshot` (97,200 is not one)

@@ -291,3 +291,52 @@ def test_solver_with_iter_size_is_refused(tmp_path, tiny_set):
     proc = train("--stage", 1, "--data", tiny_set, "--run", tmp_path / "r", "--from-scratch", "--solver", solver,
                  check=False)  # fmt: skip
     assert proc.returncode == 1 and "iter_size 2" in proc.stderr
+
+
+def test_budgets_replace_the_schedule_and_are_recorded(tmp_path, tiny_set):
+    """--max-iter / --base-lr: the solver runs that many iterations at that lr, and the run says
+    it is not at the schedule's (nor the paper's) settings."""
+    import json
+
+    run = tmp_path / "budget"
+    train("--stage", 1, "--data", tiny_set, "--run", run, "--from-scratch", "--max-iter", 3, "--base-lr", 2e-7)
+    rows = read_log(run / "stage1_log.csv")
+    assert [r["iter"] for r in rows] == [1, 2, 3]
+    solver = (run / "stage1_solver.prototxt").read_text()
+    assert "base_lr: 2e-07" in solver and "max_iter: 3" in solver
+    rec = json.loads((run / "stage1_run.json").read_text())
+    assert rec["overrides"] == {"base_lr": 2e-7, "max_iter": 3}
+    assert rec["paper_settings"] is False and rec["schedule"] == "smoke"
+    # lambda keeps the schedule's staircase: the first iterations of the full stage 1
+    assert rows[-1]["lambda"] == pytest.approx(topk_lambda(3, C.LAMBDA0, SMOKE.lambda_period, SMOKE.stage1.max_iter))
+    bad = train(
+        "--stage", 1, "--data", tiny_set, "--run", tmp_path / "bad", "--from-scratch", "--base-lr", -1, check=False
+    )
+    assert bad.returncode == 1 and "--base-lr" in bad.stderr
+
+
+def test_test_loss_curve_is_the_train_nets_loss_on_the_test_list(caffe, two_stage_run, one_image):
+    """Fig. 6: every test_interval iterations (and at 0 and the end) the mean over the test images of
+    the train net's losses; the last row equals the losses of the final weights recomputed here."""
+    from redseg.caffe_utils import import_caffe
+    from redseg.prepared_set import list_path, read_list
+
+    rows = read_log(two_stage_run / "stage1_test_log.csv")
+    assert [r["iter"] for r in rows] == [0, 5, 10]
+    assert all(np.isfinite(r["loss_ma"]) and np.isfinite(r["loss_he"]) for r in rows)
+    rows2 = read_log(two_stage_run / "stage2_test_log.csv")
+    assert [r["iter"] for r in rows2] == [0, 2, 4]
+    import_caffe()
+    net = caffe.Net(str(two_stage_run / "stage2_testloss.prototxt"), caffe.TEST)
+    net.copy_from(str(two_stage_run / "stage2_final.caffemodel"))
+    n = len(read_list(list_path(one_image, "test")))
+    names = [b for b in net.outputs if b.startswith("loss_")]
+    sums = dict.fromkeys(names, 0.0)
+    for _ in range(n):
+        net.forward()
+        for b in names:
+            sums[b] += net.blobs[b].data.item()
+    last = rows2[-1]
+    for b in names:
+        assert last[b] == pytest.approx(sums[b] / n, rel=1e-5)
+    assert last["loss_ma"] == pytest.approx(sum(v for b, v in sums.items() if b.startswith("loss_ma")) / n, rel=1e-5)

@@ -5,7 +5,9 @@
   python tools/train.py --stage 2 --data data/idrid --run runs/idrid            # from stage1_final
 
 Re-running a stage resumes from its latest snapshot (Ctrl-C writes one); a finished stage is not
-trained again unless --force.
+trained again unless --force. --max-iter / --base-lr replace the schedule's values for a short
+trial (recorded in <run>/stage<N>_run.json; the run is then not at the paper's settings). Every
+schedule's test interval, the train net's losses on the test list go to <run>/stage<N>_test_log.csv.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", default="auto", help="a .solverstate, 'auto' (default: latest in --run) or 'no'")
     ap.add_argument("--gpu", type=int, help="GPU id (default: CPU)")
     ap.add_argument("--force", action="store_true", help="train again even if the stage has finished")
+    ap.add_argument("--max-iter", type=int, help="iterations of this stage instead of the schedule's (make: ITERS=)")
+    ap.add_argument("--base-lr", type=float, help="learning rate of this stage instead of the schedule's (make: LR=)")
+    ap.add_argument(
+        "--no-test-loss", action="store_true", help="do not evaluate the losses on the test list (Fig. 6's curve)"
+    )
     args = cli.parse(ap, argv)
     return cli.run(lambda: run(args), ap.prog)
 
@@ -59,6 +66,9 @@ def run(args) -> int:
         from_scratch=args.from_scratch,
         force=args.force,
         progress=cli.show_progress(args),
+        base_lr=args.base_lr,
+        max_iter=args.max_iter,
+        test_loss=not args.no_test_loss,
     )
     print(train_stage(run))
     return 0
