@@ -36,6 +36,7 @@ How (all on the brightest channel, median-filtered against JPEG noise):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -240,3 +241,16 @@ def _no_border(g: np.ndarray, name: str) -> FieldOfView:
 def fov_mask(img_bgr: np.ndarray, name: str = "image") -> np.ndarray:
     """Bool HxW: the pixels inside the photograph's field of view (FovError if it has none)."""
     return find_fov(img_bgr, name).mask()
+
+
+def fov_summary(diameters: Sequence[float | None]) -> tuple[float | None, str]:
+    """The training data's FOV diameter from per-image ones (None: not measured) and how it was got:
+    the median of the measured ones (robust to an odd image), None when none was measured."""
+    found = [float(d) for d in diameters if d is not None]
+    if not found:
+        return None, f"no field of view found in any of {len(diameters)} training images (redseg.fov)"
+    med = float(np.median(found))
+    return round(med, 2), (
+        f"median over {len(found)} of {len(diameters)} training images at prepared size, before augmentation "
+        f"(redseg.fov.find_fov; range {min(found):.1f}-{max(found):.1f} px)"
+    )

@@ -18,6 +18,9 @@ switchable (docs/method.md#open-points-and-our-choices):
   becomes the left column); ``rot180``; ``rot270`` = ``np.rot90(a, 3)``, 90 degrees clockwise;
   ``fliph`` = left-right mirror ``a[:, ::-1]``; ``flipv`` = upside-down mirror ``a[::-1]``.
   rot90/rot270 samples are portrait (712x1072); the data layer takes each image at its own size;
+* the field of view's diameter (``fov_diameter_px`` in meta.json): the median over the training
+  images, downsampled, of redseg.fov's circle (tools/segment.py rescales a new photograph so that
+  its field of view has this diameter);
 * the input mean (docs/method.md#input-mean: BGR minus a per-channel training mean) is the mean of
   the downsampled training images before augmentation (rotations and mirrors do not change it) over
   all pixels, the black surround included - as the authors' L-Seg mean (16.3, 56.4, 116.5) evidently
@@ -77,6 +80,7 @@ from redseg.fileio import (
     write_json,
     write_text,
 )
+from redseg.fov import FovError, find_fov, fov_summary
 from redseg.prepared_set import MASK_RULES, downsample_mask, list_path, mask_from_pixels, write_list
 
 log = logging.getLogger(__name__)
@@ -542,6 +546,15 @@ def prepare(
     return meta
 
 
+def _fov_diameter(small: np.ndarray, name: str) -> float | None:
+    """The field-of-view diameter of a prepared training image (redseg.fov), None with a warning if none."""
+    try:
+        return find_fov(small, name).diameter
+    except FovError as e:
+        log.warning("no field of view measured: %s", e)
+        return None
+
+
 def _build(source: IdridSource, work: Path, options: PrepareOptions, fp: str, tqdm, progress: bool) -> dict:
     idx = source.index
     for split in IDRID_SPLIT_DIRS:
@@ -550,6 +563,7 @@ def _build(source: IdridSource, work: Path, options: PrepareOptions, fp: str, tq
     jobs = [(split, stem) for split in IDRID_SPLIT_DIRS for stem in sorted(idx.images[split])]
     bgr_sum = np.zeros(3, np.float64)
     n_pix = 0
+    fov_diameters: list[float | None] = []
     sizes: set[tuple[int, int]] = set()
     lists: dict[str, list[list[str]]] = {"train": [], "test": []}
     splits = {
@@ -593,6 +607,7 @@ def _build(source: IdridSource, work: Path, options: PrepareOptions, fp: str, tq
         if split == "train":
             bgr_sum += small.reshape(-1, 3).sum(axis=0, dtype=np.float64)
             n_pix += small.shape[0] * small.shape[1]
+            fov_diameters.append(_fov_diameter(small, source.describe(f)))
             names = [f"{stem}_{a}" for a in AUGMENTATIONS]
         else:
             names = [stem]
@@ -620,6 +635,7 @@ def _build(source: IdridSource, work: Path, options: PrepareOptions, fp: str, tq
         mean = list(LSEG_MEAN_BGR)
         mean_source = "no training images: the authors' L-Seg IDRiD mean (config.LSEG_MEAN_BGR)"
         log.warning("no training images in %s: meta.json carries the L-Seg mean", source.src)
+    fov_diameter, fov_source = fov_summary(fov_diameters)
     if len(sizes) > 1:
         log.warning("images of different sizes: %s", sorted(sizes))
     stems = {s for split in idx.images.values() for s in split}
@@ -640,6 +656,8 @@ def _build(source: IdridSource, work: Path, options: PrepareOptions, fp: str, tq
         "format": FORMAT_VERSION,
         "mean_bgr": mean,
         "mean_source": mean_source,
+        "fov_diameter_px": fov_diameter,
+        "fov_diameter_source": fov_source,
         "factor": options.factor,
         "size": size,
         "mask_rule": options.mask_rule,

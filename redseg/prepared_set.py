@@ -138,6 +138,33 @@ def mean_bgr(prepared: str | os.PathLike) -> np.ndarray:
     return np.asarray(meta["mean_bgr"], dtype=np.float32)
 
 
+def fov_diameter(prepared: str | os.PathLike) -> float | None:
+    """The training images' field-of-view diameter in pixels at prepared size (redseg.fov).
+
+    meta.json's ``fov_diameter_px`` when the set has one; for a set prepared before it was measured,
+    computed now the same way, over the ``_id`` (unaugmented) training images, or over all when
+    none is named so. None when no training image shows a field of view.
+    """
+    from redseg.fov import FovError, find_fov, fov_summary
+
+    meta = read_meta(prepared)
+    if "fov_diameter_px" in meta:
+        d = meta["fov_diameter_px"]
+        return None if d is None else float(d)
+    samples = read_list(list_path(prepared, "train"))
+    plain = [s for s in samples if s.name.endswith("_id")] or samples
+    found: list[float | None] = []
+    for s in plain:
+        try:
+            found.append(find_fov(read_image(s.image), str(s.image)).diameter)
+        except FovError as e:
+            log.warning("no field of view measured: %s", e)
+            found.append(None)
+    d, how = fov_summary(found)
+    log.info("%s/meta.json has no fov_diameter_px; measured now: %s (%s)", prepared, d, how)
+    return d
+
+
 # --- images and masks ---------------------------------------------------------------------------
 
 
