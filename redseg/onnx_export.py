@@ -281,7 +281,8 @@ def build_model(net_param, net, metadata: dict | None = None):
         if layer.type != "Input":
             _translate(layer, net, g)
     outputs = []
-    for blob in net.outputs:
+    made = {top: i for i, layer in enumerate(net_param.layer) for top in layer.top}  # last producer wins
+    for blob in sorted(net.outputs, key=made.__getitem__):  # the prototxt's order: prob_ma, prob_he
         final = g.tensor[blob]
         if final != blob:  # an in-place layer wrote last: give the output its blob's name
             g.nodes.append(helper.make_node("Identity", [final], [blob], name=f"{blob}.output"))
@@ -435,5 +436,6 @@ def compare_with_caffe(net, model: bytes | str | os.PathLike, size: tuple[int, i
     net.forward()
     src = model if isinstance(model, bytes) else str(model)
     sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
-    got = sess.run(list(net.outputs), {"data": x})
-    return max(float(np.abs(net.blobs[b].data - y).max()) for b, y in zip(net.outputs, got, strict=True))
+    names = list(net.outputs)
+    got = sess.run(names, {"data": x})
+    return max(float(np.abs(net.blobs[b].data - y).max()) for b, y in zip(names, got, strict=True))
