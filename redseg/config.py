@@ -157,3 +157,17 @@ PAPER_COMPARISON_AUC_PR = {
     "IDRiD 4th SOONER": (0.4003, 0.5395),
     "Red-Seg (paper)": (0.4839, 0.5695),
 }
+
+# --- Segmenting new photographs (tools/segment.py, docs/segment.md) ------------------------------
+# [derived, not measured on IDRiD] The field-of-view (FOV) diameter of IDRiD's training images at a
+# quarter of full size (1072x712), in pixels: what a photograph's FOV is rescaled to when neither
+# the model (its sidecar / ONNX metadata) nor --data says otherwise. IDRiD itself is not available
+# here, so this is the median that redseg.fov measures on the 54 training images of the synthetic
+# generator (redseg/synthetic.py, drawn at 1072x712 with the fundus radius 0.405-0.425 of the
+# width after IDRiD's "~3500 of 4288 px" disc): 888.1 px (871-911), i.e. 0.83 of the width. A
+# prepared IDRiD set measures the real value into its meta.json (fov_diameter_px), which wins.
+IDRID_QUARTER_FOV_DIAMETER_PX = 888.1
+# Smallest connected component of a thresholded map counted as a lesion, in pixels at the
+# network's (training) scale: drops single-pixel specks; every labelled lesion of a prepared set is
+# larger (the 'any' mask rule; the smallest synthetic MA component at 268x178 is 9 px).
+MIN_COMPONENT_PX = 2
