@@ -144,3 +144,22 @@ class OnnxSegmenter:
 def to_u8(prob: np.ndarray) -> np.ndarray:
     """Probability -> 8-bit map, probability x 255 rounded (the authors' saved predictions)."""
     return np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
+
+
+def side_maps(net) -> dict[str, np.ndarray]:
+    """After a forward pass: the sigmoid of every side output at the input size, by name
+    (``ma_conv2``, ..., ``he_conv5``; paper Fig. 7), next to ``ma_fuse`` / ``he_fuse`` (the fused
+    maps, ``prob_ma`` / ``prob_he``). Side outputs are the upsampled, cropped ``score_*`` blobs;
+    a stride-1 side (conv1 in Table 5's conv1-4 variant) has no upsampling: its ``side_*`` blob."""
+    out = {}
+    for name in net.blobs:
+        for prefix in ("score_", "side_"):
+            if name.startswith(prefix):
+                key = name[len(prefix) :]
+                if prefix == "side_" and f"score_{key}" in net.blobs:
+                    continue
+                x = net.blobs[name].data[0, 0].astype(np.float64)
+                out[key] = (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+    for lesion in ("ma", "he"):
+        out[f"{lesion}_fuse"] = net.blobs[f"prob_{lesion}"].data[0, 0].copy()
+    return out

@@ -124,3 +124,48 @@ def test_gpu_flag_with_this_build_is_a_clear_error(tmp_path, tiny_set, weights):
            "--run", str(tmp_path / "r"), "--from-scratch", "--gpu", "0", "--no-progress"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and expected in proc.stderr
+
+
+@pytest.mark.parametrize("variant", ["", "conv1-4"])
+def test_side_maps_are_the_sides_the_fuse_layer_combines(caffe, variant):
+    """Fig. 7's maps: each branch's fused logit is the fuse layer's weighted sum of the side logits
+    that side_maps returns, in stage order (conv1-4: conv1's side has no upsampling)."""
+    from redseg.caffe_utils import load_net
+    from redseg.inference import side_maps
+
+    deploy = REPO / "prototxt" / ("deploy.prototxt" if not variant else f"ablations/deploy_ma_{variant}.prototxt")
+    net = load_net(deploy)
+    rng = np.random.default_rng(1)
+    for name, blobs in net.params.items():
+        if not name.startswith("up_"):  # He-scaled: activations stay O(1), the side logits unsaturated
+            w = blobs[0].data
+            w[...] = rng.normal(0, np.sqrt(1.0 / np.prod(w.shape[1:])), w.shape)
+            blobs[1].data[...] = rng.normal(0, 0.1, blobs[1].data.shape)
+    net.blobs["data"].reshape(1, 3, 37, 53)
+    net.reshape()
+    net.blobs["data"].data[...] = rng.normal(0, 2, (1, 3, 37, 53))
+    net.forward()
+    maps = side_maps(net)
+    stages = {"ma": (1, 2, 3, 4) if variant else (2, 3, 4), "he": (3, 4, 5)}
+    assert sorted(maps) == sorted([f"{les}_conv{s}" for les, ss in stages.items() for s in ss] + ["ma_fuse", "he_fuse"])
+    for les, ss in stages.items():
+        probs = [maps[f"{les}_conv{s}"].astype(np.float64) for s in ss]
+        assert all(0.01 < p.min() and p.max() < 0.99 for p in probs)  # unsaturated: the logit is recoverable
+        logits = [np.log(p) - np.log1p(-p) for p in probs]
+        assert all(m.shape == (37, 53) for m in logits)
+        w, b = (p.data.ravel() for p in net.params[f"fuse_{les}"])
+        fused = sum(wi * li for wi, li in zip(w, logits, strict=True)) + b[0]
+        expect = 1 / (1 + np.exp(-fused))
+        assert np.abs(expect - maps[f"{les}_fuse"]).max() < 1e-4
+
+
+def test_sides_option_writes_fig7_maps(tmp_path, tiny_set, weights):
+    proc = run_test_net("--weights", weights, "--data", tiny_set, "--out", tmp_path / "t", "--no-eval", "--sides", 1)
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(p.name for p in (tmp_path / "t" / "sides").glob("*.png"))
+    stem = (tiny_set / "test.txt").read_text().split("\t")[0].split("/")[-1].rsplit(".", 1)[0]
+    keys = ["he_conv3", "he_conv4", "he_conv5", "he_fuse", "ma_conv2", "ma_conv3", "ma_conv4", "ma_fuse"]
+    assert files == [f"{stem}_{k}.png" for k in keys]
+    fused = cv2.imread(str(tmp_path / "t" / "sides" / f"{stem}_ma_fuse.png"), cv2.IMREAD_UNCHANGED)
+    pred = cv2.imread(str(tmp_path / "t" / "pred" / f"{stem}_ma.png"), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(fused, pred)

@@ -36,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", type=int, help="GPU id (default: CPU)")
     ap.add_argument("--overlays", type=int, default=3, help="overlay pictures to draw (default 3)")
     ap.add_argument("--no-eval", action="store_true", help="only write the maps")
+    ap.add_argument(
+        "--sides",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write every side output's map of the first N test images to <out>/sides (paper Fig. 7)",
+    )
     args = cli.parse(ap, argv)
     out = args.out or args.weights.parent / f"test_{args.weights.stem}"
     return cli.run(lambda: run(args, out), ap.prog)
@@ -47,7 +54,7 @@ def run(args, out: Path) -> int:
 
     from redseg.caffe_utils import set_mode
     from redseg.fileio import write_image
-    from redseg.inference import DEPLOY, Segmenter, to_u8
+    from redseg.inference import DEPLOY, Segmenter, side_maps, to_u8
 
     if not args.weights.is_file():
         raise CaffeInputError(f"weights file not found: {args.weights}")
@@ -57,10 +64,16 @@ def run(args, out: Path) -> int:
     seg = Segmenter(args.weights, mean_bgr(args.data), args.deploy or DEPLOY)
     pred = out / "pred"
     pred.mkdir(parents=True, exist_ok=True)
+    if args.sides:
+        (out / "sides").mkdir(exist_ok=True)
     factor = int(meta.get("factor", 1))
-    for s in tqdm(samples, desc="test", unit="img", disable=not cli.show_progress(args)):
+    for i, s in enumerate(tqdm(samples, desc="test", unit="img", disable=not cli.show_progress(args))):
         img = read_image(s.image)
-        for lesion, prob in seg(img).items():
+        probs = seg(img)
+        if i < args.sides:
+            for key, prob in side_maps(seg.net).items():
+                write_image(out / "sides" / f"{s.name}_{key}.png", to_u8(prob))
+        for lesion, prob in probs.items():
             u8 = to_u8(prob)
             if args.full_size and factor > 1:
                 h, w = u8.shape
