@@ -1,15 +1,20 @@
 #!/usr/bin/env python3
-"""Segment your own fundus photographs with a trained Red-Seg.
+"""Segment fundus photographs from any camera with a trained Red-Seg, and summarise them.
 
-  python tools/segment.py --weights runs/idrid/stage2_final.caffemodel --data data/idrid photo1.jpg photo2.png
+  python tools/segment.py --weights runs/idrid/stage2_final.caffemodel --out runs/segment photos/ x.jpg
+  python tools/segment.py --onnx runs/idrid/redseg.onnx --out runs/segment photos/   # no Caffe needed
 
-Each photograph is resized to the training resolution (--width, default 1072 px wide as IDRiD's
-4x-downsampled images; the paper's section 3.1), passed once through prototxt/deploy.prototxt,
-and written to --out as <name>_ma.png / <name>_he.png (8-bit probability maps at the photo's own
-size) and <name>_overlay.png (the evaluation report's overlay, redseg.report.draw_overlay: MA and
-HE panels side by side, the probability above 0.5 magenta to white over the photo, at most 1072
-px wide each). The input mean comes from the prepared set the model was trained on (--data) or
---mean-bgr.
+RESEARCH TOOL, NOT A DIAGNOSIS. Inputs are files or folders (a folder: its image files, sorted).
+Each photograph's circular field of view (FOV) is found, cropped and rescaled so that its diameter
+matches the training images' (the model's sidecar <weights>.json or ONNX metadata, --data, or
+IDRiD's at a quarter size), the net runs once, and the maps come back at the photograph's own
+pixels. Written to --out: <name>_ma.png / <name>_he.png (8-bit probability maps, 0 outside the
+FOV), <name>_overlay.png (redseg.report's overlay), thumbs/<name>.jpg, and the screening summary
+summary.csv, summary.json and index.html: lesion counts (connected components of at least
+--min-size pixels at the network's scale), HE area, counts per image-oriented quadrant, the
+threshold of each lesion and its source. An unreadable or non-fundus file is listed with its
+reason and skipped. Exit status: 0 when at least one photograph was segmented, 1 when none was
+(or on bad options), 2 on a usage error. See docs/segment.md.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redseg import cli  # noqa: E402
 from redseg import config as C  # noqa: E402
-from redseg.prepared_set import DataError, mean_bgr, read_image  # noqa: E402
 
 
 def three_numbers(text: str) -> list[float]:
@@ -36,51 +40,136 @@ def three_numbers(text: str) -> list[float]:
     return mean
 
 
+def thresholds(text: str) -> dict[str, float]:
+    """``0.4`` (every lesion) or ``MA=0.4,HE=0.5``; each in [0, 1]."""
+    out: dict[str, float] = {}
+    try:
+        if "=" not in text:
+            out = dict.fromkeys(C.LESIONS, float(text))
+        else:
+            for part in text.split(","):
+                key, value = part.split("=")
+                key = key.strip().upper()
+                if key not in C.LESIONS:
+                    raise ValueError(key)
+                out[key] = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--threshold must be a number in [0, 1] or {'=T,'.join(C.LESIONS)}=T, got {text!r}"
+        ) from None
+    if not all(0.0 <= t <= 1.0 for t in out.values()):
+        raise argparse.ArgumentTypeError(f"--threshold values must lie in [0, 1], got {text!r}")
+    return out
+
+
+def positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of pixels, got {text!r}")
+    return v
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = cli.parser(__doc__)
-    ap.add_argument("images", nargs="+", type=Path)
-    ap.add_argument("--weights", type=Path, required=True)
-    ap.add_argument("--data", type=Path, help="prepared set whose training mean to use")
+    ap = cli.parser(__doc__, progress=True)
+    ap.add_argument("inputs", nargs="+", type=Path, help="photographs, or folders of them")
+    model = ap.add_mutually_exclusive_group(required=True)
+    model.add_argument("--weights", type=Path, help="trained Red-Seg .caffemodel (needs pycaffe)")
+    model.add_argument("--onnx", type=Path, help="exported model (tools/export_onnx.py; needs only onnxruntime)")
+    ap.add_argument("--out", type=Path, default=Path("runs/segment"), help="output folder (default runs/segment)")
+    ap.add_argument("--data", type=Path, help="the prepared set the model was trained on: its mean and FOV diameter")
+    ap.add_argument("--mean-bgr", type=three_numbers, help="B,G,R input mean (default: the model's, else --data's)")
     ap.add_argument(
-        "--mean-bgr", type=three_numbers, help="B,G,R input mean instead of --data (default: the L-Seg IDRiD mean)"
+        "--fov-diameter", type=positive, help="training FOV diameter in pixels (default: --data's, else the model's)"
     )
-    ap.add_argument("--width", type=int, default=C.IDRID_FULL_SIZE[0] // C.DOWNSAMPLE, help="network input width")
-    ap.add_argument("--out", type=Path, default=Path("runs/segment"))
-    ap.add_argument("--gpu", type=int)
+    ap.add_argument(
+        "--threshold",
+        type=thresholds,
+        help="probability threshold, T or MA=T,HE=T (default: the model's break-even threshold, else 0.5)",
+    )
+    ap.add_argument(
+        "--min-size",
+        type=int,
+        default=C.MIN_COMPONENT_PX,
+        help=f"smallest lesion counted, pixels at the network's scale (default {C.MIN_COMPONENT_PX}; 1 counts all)",
+    )
+    ap.add_argument("--deploy", type=Path, help="deploy prototxt for --weights (default prototxt/deploy.prototxt)")
+    ap.add_argument("--gpu", type=int, help="GPU id for --weights (default: CPU; --onnx uses CUDA when it can)")
     args = cli.parse(ap, argv)
     return cli.run(lambda: run(args), ap.prog)
 
 
-def run(args) -> int:
-    import cv2
+def _caffe_model(args, mean):
+    """A Caffe Segmenter and its sidecar (imports Caffe: only for --weights)."""
+    from redseg.caffe_utils import CaffeInputError, set_mode
+    from redseg.inference import DEPLOY, Segmenter
+    from redseg.model_info import read_model_info, sidecar_path
 
-    from redseg.caffe_utils import set_mode
-    from redseg.fileio import write_image
-    from redseg.inference import Segmenter, to_u8
-    from redseg.report import draw_overlay
-
-    if args.mean_bgr:
-        mean = args.mean_bgr
-    elif args.data:
-        mean = mean_bgr(args.data)
-    else:
+    if not args.weights.is_file():
+        raise CaffeInputError(f"weights file not found: {args.weights}")
+    info = read_model_info(args.weights)
+    if mean is None and info is not None:
+        mean = info.mean_bgr
+    if mean is None:
         mean = C.LSEG_MEAN_BGR
-        logging.warning("no --data or --mean-bgr: using the L-Seg IDRiD mean %s", mean)
-    for p in args.images:  # every input readable before the net is built
-        if not p.is_file():
-            raise DataError(f"image not found: {p}")
+        logging.warning(
+            "no sidecar %s, --data or --mean-bgr: using the L-Seg IDRiD mean %s", sidecar_path(args.weights), mean
+        )
     set_mode(args.gpu)
-    seg = Segmenter(args.weights, mean)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for path in args.images:
-        img = read_image(path)
-        h, w = img.shape[:2]
-        small = cv2.resize(img, (args.width, max(1, round(h * args.width / w))), interpolation=cv2.INTER_AREA)
-        maps = {k: cv2.resize(to_u8(v), (w, h), interpolation=cv2.INTER_LINEAR) for k, v in seg(small).items()}
-        for lesion, u8 in maps.items():
-            write_image(args.out / f"{path.stem}_{lesion.lower()}.png", u8)
-        write_image(args.out / f"{path.stem}_overlay.png", draw_overlay(path.stem, img, maps))
-        print(args.out / f"{path.stem}_overlay.png")
+    seg = Segmenter(args.weights, mean, args.deploy or DEPLOY)
+    if info is None:
+        return seg, None, None, f"no sidecar {sidecar_path(args.weights)}"
+    return seg, info.fov_diameter_px, info.thresholds, f"sidecar {sidecar_path(args.weights)}"
+
+
+def _onnx_model(args, mean):
+    """An ONNX Runtime segmenter and its metadata (never imports Caffe)."""
+    from redseg.inference import OnnxSegmenter
+
+    if args.gpu is not None:
+        logging.warning("--gpu is for --weights; ONNX Runtime picks CUDA itself when onnxruntime-gpu is installed")
+    seg = OnnxSegmenter(args.onnx, mean_bgr=mean)
+    info = seg.info
+    return seg, info.fov_diameter_px, info.thresholds, f"ONNX metadata of {args.onnx}"
+
+
+def run(args) -> int:
+    from redseg import screening
+    from redseg.prepared_set import fov_diameter, mean_bgr
+
+    inputs = screening.list_inputs(args.inputs)
+    if not inputs:
+        raise screening.ScreeningError(f"no image files in {', '.join(map(str, args.inputs))}")
+    screening.check_out(args.out, args.inputs)
+    mean = args.mean_bgr
+    data_fov = None
+    if args.data is not None:
+        if mean is None:
+            mean = [float(v) for v in mean_bgr(args.data)]
+        data_fov = (fov_diameter(args.data), f"--data {args.data} (meta.json fov_diameter_px, or measured)")
+    seg, model_fov, model_thr, model_src = (_onnx_model if args.onnx else _caffe_model)(args, mean)
+    settings = screening.resolve_settings(
+        str(args.onnx or args.weights),
+        model_fov,
+        model_thr,
+        model_src,
+        data_fov=data_fov,
+        fov_diameter=args.fov_diameter,
+        threshold=args.threshold,
+        min_size=args.min_size,
+    )
+    logging.info("training FOV diameter %.1f px (%s)", settings.fov_diameter_px, settings.fov_source)
+    for lesion in C.LESIONS:
+        logging.info("%s threshold %.4f (%s)", lesion, settings.thresholds[lesion], settings.threshold_sources[lesion])
+    rows = screening.screen(inputs, seg, settings, args.out, progress=cli.show_progress(args))
+    paths = screening.write_summary(args.out, rows, settings)
+    n_ok = sum(r["status"] == "ok" for r in rows)
+    print(f"{n_ok} of {len(rows)} photographs segmented; summary: {paths['csv']}, {paths['html']}")
+    print(screening.DISCLAIMER)
+    if n_ok == 0:
+        raise screening.ScreeningError(f"no photograph could be segmented ({len(rows)} skipped; see {paths['csv']})")
     return 0
 
 
