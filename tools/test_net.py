@@ -7,7 +7,9 @@ Writes <out>/pred/<image>_ma.png and <image>_he.png (8-bit, probability x 255), 
 evaluation (tools/evaluate.py's library) into <out>/eval: metrics.json, report.md, pr_curves.png,
 overlays. With --gt pointing at the official IDRiD folder the full-size labels are used (the
 authors' protocol resizes the maps to the label size); --full-size also saves the maps upsampled
-to the original resolution.
+to the original resolution. After scoring, <weights>.json beside the weights records the input
+mean, the training FOV diameter and each lesion's break-even threshold for tools/segment.py and
+tools/export_onnx.py (redseg/model_info.py).
 """
 
 from __future__ import annotations
@@ -86,7 +88,21 @@ def run(args, out: Path) -> int:
     result = evaluate(pred, args.gt or args.data, out / "eval", overlays=args.overlays, progress=progress)
     print(summary_table(result))
     print(f"report: {out / 'eval' / 'report.md'}")
+    write_sidecar(args, result, out / "eval" / "metrics.json")
     return 0
+
+
+def write_sidecar(args, result: dict, metrics_json: Path) -> None:
+    """<weights>.json: the mean, the training FOV diameter and the break-even thresholds that
+    tools/segment.py and the ONNX export read (redseg/model_info.py); a warning if it cannot be written."""
+    from redseg.model_info import from_evaluation, write_model_info
+    from redseg.prepared_set import fov_diameter
+
+    info = from_evaluation(result, mean_bgr(args.data), fov_diameter(args.data), metrics_json)
+    try:
+        print(f"model sidecar: {write_model_info(args.weights, info)}")
+    except OSError as e:
+        logging.warning("cannot write the model sidecar beside %s: %s", args.weights, e)
 
 
 if __name__ == "__main__":
