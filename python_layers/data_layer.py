@@ -10,7 +10,9 @@ runs the net, so in steady state an iteration costs one fused uint8 -> float32 m
 into the top blob and two label copies (about 1 ms at 1072x712; docs/performance.md).
 
 param_str (JSON): ``list`` (path of the list file; required), ``shuffle`` (true), ``seed`` (1),
-``cache`` (true), ``mean`` (optional [B, G, R] overriding meta.json).
+``cache`` (true), ``mean`` (optional [B, G, R] overriding meta.json), ``fov`` (false; true adds a
+fourth top ``fov``, 1x1xHxW, 1 inside the image's circular field of view (redseg.fov) and 0 in the
+black surround, for the Top-k loss's ``negatives: "fov"`` option; docs/method.md#counting-negatives).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 
 from redseg.prepared_set import load_sample, mean_bgr, read_list
 
-DEFAULTS = dict(list=None, shuffle=True, seed=1, cache=True, mean=None)
+DEFAULTS = dict(list=None, shuffle=True, seed=1, cache=True, mean=None, fov=False)
 
 
 class RedSegData(caffe.Layer):
@@ -37,8 +39,10 @@ class RedSegData(caffe.Layer):
         if unknown or not p.get("list"):
             raise ValueError(f"RedSegData: param_str needs 'list'; unknown keys {sorted(unknown)}")
         p = {**DEFAULTS, **p}
-        if len(top) != 3:
-            raise ValueError("RedSegData: needs 3 tops (data, label_ma, label_he)")
+        self.fov = bool(p["fov"])
+        if len(top) != 3 + self.fov:
+            also = ", and fov with 'fov': true" if self.fov else ""
+            raise ValueError(f"RedSegData: needs {3 + self.fov} tops (data, label_ma, label_he{also})")
         self.samples = read_list(p["list"])
         self.mean = (
             np.asarray(p["mean"], dtype=np.float32) if p["mean"] is not None else mean_bgr(Path(p["list"]).parent)
@@ -64,6 +68,10 @@ class RedSegData(caffe.Layer):
         # HxWx3 -> 3xHxW once here (in the loader thread), not in every forward: a contiguous
         # source makes the per-iteration subtraction about 3x faster than from a strided view.
         sample = (np.ascontiguousarray(img.transpose(2, 0, 1)), ma, he)
+        if self.fov:
+            from redseg.fov import fov_mask
+
+            sample += (fov_mask(img, str(self.samples[i].image)).view(np.uint8),)
         if self.cache is not None:
             self.cache[i] = sample
         return sample
@@ -93,14 +101,17 @@ class RedSegData(caffe.Layer):
         h, w = self.current[0].shape[1:]
         top[0].reshape(1, 3, h, w)
         top[1].reshape(1, 1, h, w)
-        top[2].reshape(1, 1, h, w)
+        for i in range(1, len(top)):  # pycaffe's top vector does not slice
+            top[i].reshape(1, 1, h, w)
 
     def forward(self, bottom, top):
-        chw, ma, he = self.current
+        chw, ma, he = self.current[:3]
         # BGR minus the per-channel mean (as redseg.prepared_set.image_blob), straight into the top blob.
         np.subtract(chw, self.mean.reshape(3, 1, 1), out=top[0].data[0], dtype=np.float32)
         top[1].data[0, 0] = ma
         top[2].data[0, 0] = he
+        if self.fov:
+            top[3].data[0, 0] = self.current[3]
 
     def backward(self, top, propagate_down, bottom):
         pass

@@ -48,6 +48,9 @@ SAMPLE_TARGET = 32_768
 SAMPLE_SIGMAS = 4.0
 SAMPLE_SLACK = 16
 
+# Which negatives lambda counts (docs/method.md#counting-negatives): the default first.
+NEGATIVES = ("image", "fov")
+
 _F1 = np.float32(1)
 _F0 = np.float32(0)
 _F2 = np.float32(2)
@@ -191,22 +194,29 @@ def hardest_negatives(x: np.ndarray, is_pos: np.ndarray, k: int, n_neg: int) -> 
     return np.concatenate((cand[above_t], ties))
 
 
-def topk_image(x: np.ndarray, y: np.ndarray, lam: float):
+def topk_image(x: np.ndarray, y: np.ndarray, lam: float, fov: np.ndarray | None = None):
     """One image of the stage-1 loss: ``(loss, pos, sel, g_pos, g_sel, k, beta, n_pos)``.
 
     ``x``, ``y``: 1-D float32 logits and labels. ``pos``/``sel``: indices of the positives and of
     the k selected negatives; ``g_pos``/``g_sel``: dL/dx there (float32; zero elsewhere):
     -beta * (1 - p) and (1 - beta) * p. A NaN logit makes the loss NaN (and ``pos`` None) even when
     it lies outside the selection; the layer then raises :class:`NonFiniteLossError`.
+
+    ``fov`` (optional, 1-D, non-zero inside the field of view): the negatives are only those inside
+    it, so N- and the k hardest are counted there and the black surround carries no loss
+    (docs/method.md#counting-negatives; the default counts every pixel).
     """
     is_pos = y > 0.5
     pos = np.flatnonzero(is_pos)
     n_pos = int(pos.size)
-    k = kept_negatives(lam, x.size - n_pos)
+    # Pixels that can never be selected as negatives: the positives, and outside the FOV if given.
+    excluded = is_pos if fov is None else is_pos | (fov <= 0.5)
+    n_neg = x.size - int(np.count_nonzero(excluded))
+    k = kept_negatives(lam, n_neg)
     beta = k / (k + n_pos) if k + n_pos else 0.0
     if np.isnan(x.max()):
         return math.nan, None, None, None, None, k, beta, n_pos
-    sel = hardest_negatives(x, is_pos, k, x.size - n_pos)
+    sel = hardest_negatives(x, excluded, k, n_neg)
     sp_pos, q_pos = softplus_sigmoid(np.negative(x[pos]))  # -log p = softplus(-x); 1 - p = sigmoid(-x)
     sp_sel, p_sel = softplus_sigmoid(x[sel])  # -log(1 - p) = softplus(x)
     loss = beta * float(sp_pos.sum(dtype=np.float64)) + (1 - beta) * float(sp_sel.sum(dtype=np.float64))
@@ -218,7 +228,10 @@ def topk_image(x: np.ndarray, y: np.ndarray, lam: float):
 class TopKBalancedCELoss(caffe.Layer):
     """Stage-1 loss with the scheduled Top-k hard-negative selection (section 2.2, eq. L1).
 
-    param_str keys: ``lambda0`` (0.14), ``period`` S (10,000), ``max_iter`` M (97,200).
+    param_str keys: ``lambda0`` (0.14), ``period`` S (10,000), ``max_iter`` M (97,200),
+    ``negatives``: ``"image"`` (default: every negative pixel of the image) or ``"fov"`` (only those
+    inside the field of view, given as a third bottom: 1 inside, 0 outside; the data layer's
+    ``fov`` top).
     In the TRAIN phase each forward pass is one iteration: a new layer starts at r = 1. The
     training driver sets :attr:`iteration` to the solver's iteration on resume so the staircase
     continues where it stopped.
@@ -227,9 +240,22 @@ class TopKBalancedCELoss(caffe.Layer):
     def setup(self, bottom, top):
         p = _parse_params(
             self.param_str,
-            dict(lambda0=C.LAMBDA0, period=C.LAMBDA_PERIOD, max_iter=C.SCHEDULES["paper"].stage1.max_iter),
+            dict(
+                lambda0=C.LAMBDA0,
+                period=C.LAMBDA_PERIOD,
+                max_iter=C.SCHEDULES["paper"].stage1.max_iter,
+                negatives=NEGATIVES[0],
+            ),
             "TopKBalancedCELoss",
         )
+        if p["negatives"] not in NEGATIVES:
+            raise ValueError(f"TopKBalancedCELoss: negatives must be one of {NEGATIVES}, got {p['negatives']!r}")
+        self.use_fov = p["negatives"] == "fov"
+        if len(bottom) != (3 if self.use_fov else 2):
+            raise ValueError(
+                f"TopKBalancedCELoss: negatives {p['negatives']!r} needs {3 if self.use_fov else 2} bottoms "
+                f"(logits, labels{', field of view' if self.use_fov else ''}), got {len(bottom)}"
+            )
         self.lambda0, self.period, self.max_iter = float(p["lambda0"]), int(p["period"]), int(p["max_iter"])
         if not 0 < self.lambda0 <= 1 or self.period < 1 or self.max_iter < 1:
             raise ValueError(f"TopKBalancedCELoss: bad param_str {p}: need 0 < lambda0 <= 1, period, max_iter >= 1")
@@ -239,7 +265,9 @@ class TopKBalancedCELoss(caffe.Layer):
         self._saved = []
 
     def reshape(self, bottom, top):
-        _check_bottoms("TopKBalancedCELoss", bottom)
+        _check_bottoms("TopKBalancedCELoss", [bottom[0], bottom[1]])  # pycaffe's vector does not slice
+        if self.use_fov and bottom[2].data.shape != bottom[1].data.shape:
+            raise ValueError(f"TopKBalancedCELoss: field of view {bottom[2].data.shape} and labels differ in shape")
         top[0].reshape(1)
 
     def current_lambda(self) -> float:
@@ -252,10 +280,11 @@ class TopKBalancedCELoss(caffe.Layer):
         n = bottom[0].data.shape[0]
         x = bottom[0].data.reshape(n, -1)
         y = bottom[1].data.reshape(n, -1)
+        fov = bottom[2].data.reshape(n, -1) if self.use_fov else [None] * n
         self._saved = []
         total = 0.0
         for i in range(n):
-            loss, pos, sel, g_pos, g_sel, k, beta, n_pos = topk_image(x[i], y[i], lam)
+            loss, pos, sel, g_pos, g_sel, k, beta, n_pos = topk_image(x[i], y[i], lam, fov[i])
             total += loss
             self._saved.append((pos, sel, g_pos, g_sel))
             self.last = dict(lambda_=lam, k=k, beta=beta, n_pos=n_pos)

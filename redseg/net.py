@@ -47,6 +47,7 @@ class NetOptions:
     period: int = C.LAMBDA_PERIOD
     max_iter: int = C.SCHEDULES["paper"].stage1.max_iter
     seed: int = 1
+    negatives: str = "image"  # stage 1: "image" (every pixel) or "fov" (docs/method.md#counting-negatives)
 
 
 def _param(mult: tuple[float, float]):
@@ -97,15 +98,18 @@ def side_output(n, bottom, name: str, factor: int, ref):
     return n[f"score_{name}"]
 
 
-def loss_layer(score, label, opts: NetOptions):
+def loss_layer(score, label, opts: NetOptions, fov=None):
+    bottoms = [score, label]
     if opts.stage == 1:
         cls = "TopKBalancedCELoss"
         param = dict(lambda0=opts.lambda0, period=opts.period, max_iter=opts.max_iter)
+        if opts.negatives != "image":
+            param["negatives"] = opts.negatives
+            bottoms.append(fov)
     else:
         cls, param = "FNFPLoss", {}
     return L.Python(
-        score,
-        label,
+        *bottoms,
         module=LOSS_MODULE,
         layer=cls,
         param_str=json.dumps(param, sort_keys=True),
@@ -119,6 +123,13 @@ def redseg(opts: NetOptions):
     deploy = opts.stage == "deploy"
     if deploy:
         n.data = L.Input(shape=dict(dim=[1, 3, 712, 1072]))  # any H, W: reshape before forward
+    elif opts.negatives == "fov" and opts.stage == 1:
+        n.data, n.label_ma, n.label_he, n.fov = L.Python(
+            module=DATA_MODULE,
+            layer="RedSegData",
+            ntop=4,
+            param_str=json.dumps(dict(list=opts.train_list, shuffle=True, seed=opts.seed, fov=True), sort_keys=True),
+        )
     else:
         n.data, n.label_ma, n.label_he = L.Python(
             module=DATA_MODULE,
@@ -155,10 +166,11 @@ def redseg(opts: NetOptions):
             n[f"prob_{les}"] = L.Sigmoid(n[f"fuse_{les}"])
         else:
             label = n[f"label_{les}"]
+            fov = n["fov"] if "fov" in n.tops else None
             for s in stages:
                 src = n[f"score_{les}_conv{s}"] if s > 1 else n[f"side_{les}_conv{s}"]
-                n[f"loss_{les}_conv{s}"] = loss_layer(src, label, opts)
-            n[f"loss_{les}_fuse"] = loss_layer(n[f"fuse_{les}"], label, opts)
+                n[f"loss_{les}_conv{s}"] = loss_layer(src, label, opts, fov)
+            n[f"loss_{les}_fuse"] = loss_layer(n[f"fuse_{les}"], label, opts, fov)
     proto = n.to_proto()
     proto.name = "Red-Seg " + (f"stage {opts.stage} (train)" if not deploy else "deploy")
     return proto
@@ -213,6 +225,8 @@ def generate(out_dir: str | Path) -> list[Path]:
             continue
         files[f"ablations/train_stage1_ma_{variant}.prototxt"] = redseg(NetOptions(stage=1, ma_stages=stages))
         files[f"ablations/deploy_ma_{variant}.prototxt"] = redseg(NetOptions(stage="deploy", ma_stages=stages))
+    # Open choice (docs/method.md#counting-negatives): lambda counts only the negatives in the FOV.
+    files["ablations/train_stage1_negatives_fov.prototxt"] = redseg(NetOptions(stage=1, negatives="fov"))
     written = []
     for name, proto in files.items():
         written.append(write_text(out / name, HEADER + str(proto)))

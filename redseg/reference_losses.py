@@ -18,14 +18,17 @@ def reference_lambda(r: int, lambda0: float, period: int, max_iter: int) -> floa
     return lambda0 * (1 - (r // period) / (max_iter / period))
 
 
-def reference_topk(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[float, np.ndarray]:
-    """Loss and gradient w.r.t. x of the Top-k balanced CE, summed over the images of a batch."""
+def reference_topk(x: np.ndarray, y: np.ndarray, lam: float, fov: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """Loss and gradient w.r.t. x of the Top-k balanced CE, summed over the images of a batch.
+
+    ``fov`` (optional, same shape, non-zero inside): negatives counted only inside it."""
     x = x.astype(np.float64)
     loss, grad = 0.0, np.zeros_like(x)
     for i in range(x.shape[0]):
         xi, yi, gi = x[i].ravel(), y[i].ravel() > 0.5, grad[i].reshape(-1)
         p = np.exp(-np.logaddexp(0, -xi))  # sigmoid without overflow
-        neg = np.flatnonzero(~yi)
+        inside = np.ones_like(yi) if fov is None else fov[i].ravel() > 0.5
+        neg = np.flatnonzero(~yi & inside)
         k = min(len(neg), math.ceil(round(lam * len(neg), 9)))
         neg_loss = np.logaddexp(0, xi[neg])  # -log(1 - p)
         top = neg[np.argsort(-neg_loss, kind="stable")[:k]]

@@ -169,3 +169,48 @@ def test_bad_param_str_and_shapes_are_python_errors(caffe, tmp_path):
     bad.write_text(text.replace("dim: 4 dim: 4", "dim: 4 dim: 5", 1))
     with pytest.raises(Exception, match="differ in shape"):
         caffe.Net(str(bad), caffe.TRAIN)
+
+
+FOV_NET = """
+force_backward: true
+layer {{ name: "x" type: "Input" top: "x" input_param {{ shape {{ dim: 2 dim: 1 dim: {h} dim: {w} }} }} }}
+layer {{ name: "y" type: "Input" top: "y" input_param {{ shape {{ dim: 2 dim: 1 dim: {h} dim: {w} }} }} }}
+layer {{ name: "fov" type: "Input" top: "fov" input_param {{ shape {{ dim: 2 dim: 1 dim: {h} dim: {w} }} }} }}
+layer {{ name: "loss" type: "Python" bottom: "x" bottom: "y" bottom: "fov" top: "loss" loss_weight: 1
+  python_param {{ module: "losses" layer: "TopKBalancedCELoss" param_str: '{{"negatives": "fov"}}' }} }}
+"""
+
+
+def test_topk_counting_negatives_in_the_fov_only(caffe, tmp_path):
+    """negatives "fov": N- and the k hardest are taken inside the field of view only; the surround
+    carries no gradient even where its logits are the largest; equal to the float64 oracle."""
+    rng = np.random.default_rng(5)
+    h, w = 20, 30
+    path = tmp_path / "fov.prototxt"
+    path.write_text(FOV_NET.format(h=h, w=w))
+    net = caffe.Net(str(path), caffe.TRAIN)
+    x = (rng.normal(size=(2, 1, h, w)) * 3).astype(np.float32)
+    y = labels(rng, (2, 1, h, w), 0.05)
+    yy, xx = np.mgrid[:h, :w]
+    fov = np.broadcast_to(((yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (h / 2) ** 2), (2, 1, h, w)).astype(np.float32)
+    y *= fov  # lesions lie inside the field of view
+    x[fov == 0] += 10  # the surround has the largest logits: the image-wide rule would pick it
+    net.blobs["fov"].data[...] = fov
+    loss, grad = run(net, x, y)
+    ref_loss, ref_grad = reference_topk(x, y, C.LAMBDA0, fov)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-6)
+    assert not grad[fov == 0].any()
+    k = net.layers[list(net._layer_names).index("loss")].last["k"]
+    assert k == math.ceil(C.LAMBDA0 * int(((fov[1] > 0) & (y[1] == 0)).sum()))
+    # the default rule on the same input selects surround pixels: the option changes the loss
+    image_loss, image_grad = reference_topk(x, y, C.LAMBDA0)
+    assert image_grad[fov == 0].any() and image_loss != pytest.approx(loss, rel=1e-3)
+
+
+def test_topk_fov_option_needs_its_bottom(caffe, tmp_path):
+    path = tmp_path / "nofov.prototxt"
+    text = FOV_NET.format(h=4, w=4).replace(' bottom: "fov"', "")
+    path.write_text(text)
+    with pytest.raises(Exception, match="needs 3 bottoms"):
+        caffe.Net(str(path), caffe.TRAIN)

@@ -94,3 +94,38 @@ def test_table5_ablations_build(caffe, tmp_path, variant, tiny_set):
     out = net.forward()
     assert set(out) == set(sum(loss_names(ma_stages=stages).values(), []))
     assert all(np.isfinite(v).all() for v in out.values())
+
+
+def test_negatives_in_fov_net_feeds_the_fov_to_every_topk_loss(caffe, tmp_path):
+    """The open choice "lambda counts only the negatives inside the field of view": the data layer's
+    fov top is redseg.fov's mask of the sample, and each Top-k layer keeps ceil(lambda0 * N-) of
+    the negatives inside it."""
+    import json
+    import math
+
+    import cv2
+    from conftest import write_prepared_set
+
+    from redseg.fov import fov_mask
+    from redseg.prepared_set import list_path, read_list
+
+    data = write_prepared_set(tmp_path / "set", n=2, size=(96, 72), seed=4)
+    yy, xx = np.mgrid[:72, :96]
+    outside = (yy - 36) ** 2 + (xx - 48) ** 2 > 40**2  # a disc cut at the top and bottom, black around
+    for s in read_list(list_path(data, "train")):
+        img = cv2.imread(str(s.image))
+        img[outside] = 0
+        cv2.imwrite(str(s.image), img)
+    p = tmp_path / "net.prototxt"
+    p.write_text(str(redseg(NetOptions(stage=1, negatives="fov", train_list=str(data / "train.txt")))))
+    net = load_net(p, phase="TRAIN")
+    net.forward()
+    mean = np.array(json.loads((data / "meta.json").read_text())["mean_bgr"], np.float32)
+    img = np.rint(net.blobs["data"].data[0].transpose(1, 2, 0) + mean).astype(np.uint8)
+    fov = net.blobs["fov"].data[0, 0]
+    assert np.array_equal(fov > 0.5, fov_mask(img))
+    assert 0.5 < fov.mean() < 0.9 and fov[outside].mean() < 0.02  # the fitted circle, within a pixel
+    for les in ("ma", "he"):
+        layer = net.layers[list(net._layer_names).index(f"loss_{les}_fuse")]
+        n_neg = int(((fov > 0.5) & (net.blobs[f"label_{les}"].data[0, 0] < 0.5)).sum())
+        assert layer.last["k"] == math.ceil(C.LAMBDA0 * n_neg)
