@@ -15,7 +15,10 @@ net) and on images it makes itself (no IDRiD needed):
   both give the same numbers;
 * the data layer per iteration in steady state (every sample cached);
 * one deploy forward pass, scoring a 27-image test set (IDRiD's test size) with
-  ``redseg.evaluation.evaluate``, and the peak resident memory.
+  ``redseg.evaluation.evaluate``, and the peak resident memory;
+* separately (:func:`run_onnx_benchmark`, ``tools/benchmark.py --onnx``): one photograph through
+  the deploy net in pycaffe and through its ONNX export (redseg/onnx_export.py) in ONNX Runtime,
+  side by side on the same input, with the largest difference of the probabilities.
 
 Every timing is repeated; results carry the median and the interquartile range.
 """
@@ -563,6 +566,115 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     result["machine"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()] if load_start else None
     result["elapsed_s"] = round(time.perf_counter() - start, 1)
     return result
+
+
+# --- pycaffe against ONNX Runtime -----------------------------------------------------------------
+
+
+def run_onnx_benchmark(cfg: BenchConfig) -> dict:
+    """One deploy forward pass at ``cfg.size`` in pycaffe and in ONNX Runtime, both on the CPU,
+    on the same input (``cfg.gpu`` is not used: a like-for-like CPU comparison).
+
+    The deploy net gets its fillers' random weights (no trained model needed: the time does not
+    depend on the values), saved and exported as tools/export_onnx.py does. Both use every
+    usable core (OpenBLAS's default; ONNX Runtime's intra-op threads set to match), taking turns.
+    """
+    import onnxruntime as ort
+
+    from redseg.net import NetOptions, redseg
+    from redseg.onnx_export import export
+
+    start = time.perf_counter()
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    caffe = set_mode(None)
+    own_tmp = cfg.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="redseg-onnx-bench-")) if own_tmp else Path(cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    h, w = cfg.size
+    try:
+        deploy = workdir / "deploy.prototxt"
+        deploy.write_text(str(redseg(NetOptions(stage="deploy"))))
+        caffe.set_random_seed(cfg.seed)
+        net = caffe.Net(str(deploy), caffe.TEST)
+        weights = workdir / "random.caffemodel"
+        net.save(str(weights))
+        model = export(weights, workdir / "redseg.onnx", deploy=deploy, mean_bgr=C.LSEG_MEAN_BGR, force=True)
+        x = np.random.default_rng(cfg.seed).normal(0, 40, (1, 3, h, w)).astype(np.float32)
+        net.blobs["data"].reshape(1, 3, h, w)
+        net.reshape()
+        net.blobs["data"].data[...] = x
+
+        def caffe_fwd():
+            net.forward()
+            net.blobs["prob_he"].data.item(0)
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads = machine_info(None)["usable_cpus"]  # as many as OpenBLAS uses
+        sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+        got: dict = {}
+
+        def onnx_fwd():
+            got["out"] = sess.run(["prob_ma", "prob_he"], {"data": x})
+
+        log.info("pycaffe and ONNX Runtime in turn: %d warm-up + %d timed at %dx%d", cfg.warmup, cfg.repeats, h, w)
+        for _ in range(max(cfg.warmup, 1)):
+            caffe_fwd()
+            onnx_fwd()
+        caffe_s, onnx_s = [], []
+        for _ in range(cfg.repeats):  # alternating, so that a load change on a shared machine hits both
+            caffe_s += _timed(caffe_fwd, 1)
+            onnx_s += _timed(onnx_fwd, 1)
+        diff = max(
+            float(np.abs(net.blobs[b].data - y).max()) for b, y in zip(("prob_ma", "prob_he"), got["out"], strict=True)
+        )
+    finally:
+        if own_tmp:
+            shutil.rmtree(workdir, ignore_errors=True)
+    machine = machine_info(None)
+    cpu = blas.cpu_info()
+    if cpu:  # a virtual machine's model name can be as vague as "Intel(R) Xeon(R) Processor"
+        simd = [f for f in ("avx512f", "avx2", "fma") if f in cpu["flags"]]
+        machine["cpu_id"] = f"{cpu['vendor']} family {cpu['family']} model {cpu['model']}, {' '.join(simd) or 'no AVX'}"
+    machine["loadavg_start"] = [round(v, 2) for v in load_start] if load_start else None
+    machine["loadavg_end"] = [round(v, 2) for v in os.getloadavg()] if load_start else None
+    result = {
+        "tool": "tools/benchmark.py --onnx",
+        "size": [h, w],
+        "machine": machine,
+        "blas": blas.describe(),
+        "onnxruntime": {"version": ort.__version__, "providers": sess.get_providers(), "intra_op_threads": threads},
+        "settings": {"repeats": cfg.repeats, "warmup": cfg.warmup, "seed": cfg.seed},
+        "pycaffe_forward_s": summarize(caffe_s),
+        "onnxruntime_forward_s": summarize(onnx_s),
+        "max_abs_prob_diff": float(f"{diff:.3g}"),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+    result["onnx_speedup"] = round(result["pycaffe_forward_s"]["median"] / result["onnxruntime_forward_s"]["median"], 2)
+    result["elapsed_s"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def format_onnx_report(result: dict) -> str:
+    h, w = result["size"]
+    m = result["machine"]
+    o = result["onnxruntime"]
+    return "\n".join(
+        [
+            f"One photograph at {w}x{h} (W x H), deploy forward pass, CPU: {m.get('cpu')} "
+            f"({m.get('cpu_id', '?')}; {m.get('usable_cpus')} usable CPUs)",
+            f"load average at start {m.get('loadavg_start')}, at end {m.get('loadavg_end')}; "
+            f"{result['elapsed_s']:.0f} s in all",
+            result["blas"]["summary"] if result.get("blas") else "BLAS: not recorded",
+            "",
+            f"{'measurement':44s} median (IQR, runs)",
+            f"{'pycaffe forward [s]':44s} {_ms(result['pycaffe_forward_s'], 1, 3)}",
+            f"{'ONNX Runtime ' + o['version'] + ' forward [s]':44s} {_ms(result['onnxruntime_forward_s'], 1, 3)}"
+            f"  ({o['intra_op_threads']} threads)",
+            f"{'ONNX Runtime speed-up over pycaffe':44s} {result['onnx_speedup']:.2f}x",
+            f"{'max |prob. difference|':44s} {result['max_abs_prob_diff']:.2g}",
+            f"{'peak resident memory [MB]':44s} {result['peak_rss_mb']:.0f}",
+        ]
+    )
 
 
 # --- report ---------------------------------------------------------------------------------------

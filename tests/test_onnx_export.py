@@ -175,3 +175,19 @@ def test_tool_writes_model_with_sidecar_metadata_and_keeps_an_existing_one(caffe
     assert tool.main(["-q", "--weights", str(weights), "--out", str(tmp_path / "x.onnx"), "--deploy", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "type 'TanH' (layers prob_ma, prob_he)" in err and err.count("\n") == 1
+
+
+def test_benchmark_times_pycaffe_and_onnxruntime_side_by_side(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tool_benchmark", REPO / "tools" / "benchmark.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "onnx.json"
+    assert tool.main(["-q", "--onnx", "--size", "37x53", "--repeats", "2", "--warmup", "0", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["size"] == [37, 53] and result["max_abs_prob_diff"] <= TOL
+    for key in ("pycaffe_forward_s", "onnxruntime_forward_s"):
+        assert result[key]["n"] == 2 and result[key]["median"] > 0
+    assert result["onnxruntime"]["providers"] == ["CPUExecutionProvider"] and result["machine"]["cpu"]
+    assert "ONNX Runtime speed-up over pycaffe" in capsys.readouterr().out

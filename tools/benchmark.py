@@ -10,6 +10,12 @@ layers' forward + backward (and the float64 reference losses of redseg/reference
 same inputs, with the speed-up), the data layer per iteration, one deploy forward pass, scoring
 27 test images, and the peak resident memory. Prints a table; writes JSON (default
 runs/benchmark/benchmark_<H>x<W>_<cpu|gpuN>.json). See docs/performance.md.
+
+    python tools/benchmark.py --onnx [--size 712x1072] [--repeats 3]
+
+instead times one photograph through the deploy net in pycaffe and through its ONNX export in
+ONNX Runtime, both on the CPU, side by side on the same input (JSON default
+runs/benchmark/onnx_<H>x<W>_cpu.json). See docs/onnx.md.
 """
 
 from __future__ import annotations
@@ -20,7 +26,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redseg import cli  # noqa: E402
-from redseg.benchmark import TARGET_SIZE, BenchConfig, format_report, run_benchmark  # noqa: E402
+from redseg.benchmark import (  # noqa: E402
+    TARGET_SIZE,
+    BenchConfig,
+    format_onnx_report,
+    format_report,
+    run_benchmark,
+    run_onnx_benchmark,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
     ap.add_argument("--stages", default="1,2", help="training stages to time (default 1,2)")
     ap.add_argument("--workdir", type=Path, help="keep the generated set and nets here (default: a temp folder)")
+    ap.add_argument(
+        "--onnx", action="store_true", help="only the deploy forward pass: pycaffe and ONNX Runtime on the CPU"
+    )
     args = cli.parse(ap, argv)
     if args.repeats < 1 or args.fast_repeats < 1 or args.warmup < 0:
         ap.error("--repeats and --fast-repeats must be >= 1, --warmup >= 0")
@@ -47,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--stages wants e.g. 1,2; got {args.stages!r}")
     if not stages or set(stages) - {1, 2}:
         ap.error("--stages: 1, 2 or 1,2")
+    if args.onnx and args.gpu is not None:
+        ap.error("--onnx compares the two on the CPU; drop --gpu")
+    if args.onnx:
+        return cli.run(lambda: run_onnx(args), ap.prog)
     return cli.run(lambda: run(args, stages), ap.prog)
 
 
@@ -66,6 +86,15 @@ def run(args, stages: tuple[int, ...]) -> int:
     mode = "cpu" if args.gpu is None else f"gpu{args.gpu}"
     out = args.json or Path("runs/benchmark") / f"benchmark_{h}x{w}_{mode}.json"
     cli.save_json(out, result)
+    return 0
+
+
+def run_onnx(args) -> int:
+    cfg = BenchConfig(size=args.size, repeats=args.repeats, warmup=args.warmup, workdir=args.workdir)
+    result = run_onnx_benchmark(cfg)
+    print(format_onnx_report(result))
+    h, w = args.size
+    cli.save_json(args.json or Path("runs/benchmark") / f"onnx_{h}x{w}_cpu.json", result)
     return 0
 
 
