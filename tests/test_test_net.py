@@ -96,7 +96,7 @@ def test_segment_own_photo(tmp_path, tiny_set, weights):
     cv2.circle(img, (100, 75), 10, (20, 20, 80), -1)
     cv2.imwrite(str(photo), img)
     cmd = [sys.executable, str(REPO / "tools/segment.py"), "--weights", str(weights), "--data", str(tiny_set),
-           "--width", "96", "--out", str(tmp_path / "o"), str(photo)]  # fmt: skip
+           "--fov-diameter", "96", "--out", str(tmp_path / "o"), str(photo)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     for suffix in ("ma", "he"):
