@@ -172,13 +172,18 @@ def check_out(out: Path, paths: Iterable[os.PathLike | str]) -> None:
             )
 
 
-def _jpeg_truncated(data: bytes) -> bool:
-    """A JPEG without its end-of-image marker after its last scan (some OpenCV builds decode one
-    with a grey tail instead of failing)."""
+def _jpeg_problem(data: bytes) -> str | None:
+    """Why a JPEG cannot be a whole photograph: no scan (SOS) at all, or no end-of-image marker
+    after its last scan (truncated: some OpenCV builds decode one with a grey tail instead of
+    failing); None for a whole JPEG or another format."""
     if data[:2] != b"\xff\xd8":
-        return False
+        return None
     sos, eoi = data.rfind(b"\xff\xda"), data.rfind(b"\xff\xd9")
-    return sos < 0 or eoi < sos
+    if sos < 0:
+        return "corrupt JPEG (no image data)"
+    if eoi < sos:
+        return "truncated JPEG (no end marker): copy the file again"
+    return None
 
 
 def read_photo(path: Path) -> np.ndarray:
@@ -191,8 +196,9 @@ def read_photo(path: Path) -> np.ndarray:
         raise ScreeningError(f"cannot read: {e.strerror or e}") from e
     if not data:
         raise ScreeningError("empty file")
-    if _jpeg_truncated(data):
-        raise ScreeningError("truncated JPEG (no end marker): copy the file again")
+    problem = _jpeg_problem(data)
+    if problem:
+        raise ScreeningError(problem)
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None or img.size == 0:
         raise ScreeningError("not an image OpenCV can decode (corrupt, or another kind of file)")
