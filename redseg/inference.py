@@ -54,6 +54,7 @@ class OnnxModelInfo:
     mean_bgr: tuple[float, float, float] | None = None
     fov_diameter_px: float | None = None
     thresholds: dict[str, float] | None = None
+    threshold_rule: str | None = None
     fusion_stages: dict[str, list[int]] | None = None
     deploy: str | None = None
     raw: dict[str, str] | None = None  # every metadata entry as stored (JSON strings)
@@ -90,6 +91,7 @@ def _model_info(custom: dict[str, str], source: str) -> OnnxModelInfo:
         mean_bgr=tuple(float(v) for v in mean) if mean is not None else None,
         fov_diameter_px=values.get("fov_diameter_px"),
         thresholds=values.get("thresholds"),
+        threshold_rule=values.get("threshold_rule"),
         fusion_stages=values.get("fusion_stages"),
         deploy=values.get("deploy"),
         raw=dict(custom),

@@ -29,7 +29,9 @@ layers, rather than exported wrongly.
 The model's ``metadata_props`` carry JSON strings (:data:`META_KEYS`): the deploy file's name, the
 fusion stages of each branch, and what a user of the model needs to reproduce the training
 preprocessing and the decision rule: ``mean_bgr`` (from the weights' sidecar ``<weights>.json``,
-a prepared set's meta.json or given), ``fov_diameter_px`` and ``thresholds`` (from the sidecar).
+a prepared set's meta.json or given), and from the sidecar (redseg/model_info.py)
+``fov_diameter_px``, ``thresholds``, ``threshold_rule`` and ``source``, each JSON-encoded as
+``ModelInfo.as_metadata`` does, so that ``ModelInfo.from_metadata`` reads them back.
 redseg.inference.OnnxSegmenter reads them back.
 """
 
@@ -46,7 +48,9 @@ from pathlib import Path
 import numpy as np
 
 from redseg import config as C
-from redseg.fileio import atomic_path, file_digest, read_json_object
+from redseg.fileio import atomic_path, file_digest
+from redseg.model_info import KEYS as MODEL_INFO_KEYS
+from redseg.model_info import read_model_info, sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,8 @@ OPSET = 17
 IR_VERSION = 8
 HEIGHT, WIDTH = "height", "width"  # the symbolic input (and output) dimensions
 SUPPORTED = ("Input", "Convolution", "ReLU", "Pooling", "Deconvolution", "Crop", "Concat", "Sigmoid")
-SIDECAR_KEYS = ("mean_bgr", "fov_diameter_px", "thresholds")  # copied from <weights>.json
+# copied from the sidecar <weights>.json: mean_bgr, fov_diameter_px, thresholds, threshold_rule, source
+SIDECAR_KEYS = MODEL_INFO_KEYS
 # metadata_props keys (values are JSON strings)
 META_KEYS = ("redseg_format", "deploy", "fusion_stages", "weights", "weights_sha256", "input", *SIDECAR_KEYS)
 FORMAT_VERSION = 1
@@ -305,33 +310,11 @@ def build_model(net_param, net, metadata: dict | None = None):
 # --- metadata ---------------------------------------------------------------------------------
 
 
-def sidecar_path(weights: str | os.PathLike) -> Path:
-    """``<weights>.json``: what training wrote beside a model (mean, FOV diameter, thresholds)."""
-    return Path(f"{weights}.json")
-
-
 def read_sidecar(weights: str | os.PathLike) -> dict:
-    """The sidecar's :data:`SIDECAR_KEYS` that are present (empty when there is no sidecar)."""
-    path = sidecar_path(weights)
-    if not path.exists():
-        return {}
-    info = _read_sidecar_file(path, weights)
-    return {k: info[k] for k in SIDECAR_KEYS if info.get(k) is not None}
-
-
-def _read_sidecar_file(path: Path, weights) -> dict:
-    try:  # the project's reader, when it is there (redseg/model_info.py)
-        from redseg import model_info
-    except ImportError:
-        model_info = None
-    reader = getattr(model_info, "read_model_info", None) if model_info else None
-    if reader is not None:
-        info = reader(weights)
-        return dict(info) if isinstance(info, dict) else {k: getattr(info, k, None) for k in SIDECAR_KEYS}
-    info = read_json_object(path)
-    if info is None:
-        raise ValueError(f"{path}: not a JSON object (the model's sidecar); fix or remove it")
-    return info
+    """The sidecar ``<weights>.json`` (redseg.model_info: mean, FOV diameter, thresholds and where they
+    come from) as a dict of :data:`SIDECAR_KEYS`; empty when there is none, ModelInfoError when malformed."""
+    info = read_model_info(weights)
+    return {} if info is None else {k: v for k, v in info.as_dict().items() if k in SIDECAR_KEYS}
 
 
 def export_metadata(

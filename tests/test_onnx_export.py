@@ -20,6 +20,7 @@ import pytest
 
 from redseg import config as C
 from redseg.inference import OnnxSegmenter, Segmenter, read_onnx_info
+from redseg.model_info import ModelInfo, read_model_info
 from redseg.onnx_export import UnsupportedLayerError, export
 
 REPO = Path(__file__).resolve().parent.parent
@@ -150,6 +151,7 @@ def _tool():
 def test_tool_writes_model_with_sidecar_metadata_and_keeps_an_existing_one(caffe, tmp_path, capsys):
     weights = random_weights(caffe, DEPLOYS["main"], tmp_path / "stage2_final.caffemodel", seed=3)
     side = {"mean_bgr": [11.0, 22.0, 33.0], "fov_diameter_px": 1003.5, "thresholds": {"MA": 0.3, "HE": 0.45}}
+    side |= {"threshold_rule": "break-even", "source": "runs/x/metrics.json"}
     Path(f"{weights}.json").write_text(json.dumps({**side, "other": "not copied"}))
     out = tmp_path / "onnx" / "redseg.onnx"
     tool = _tool()
@@ -158,6 +160,8 @@ def test_tool_writes_model_with_sidecar_metadata_and_keeps_an_existing_one(caffe
     assert info.mean_bgr == (11.0, 22.0, 33.0) and info.fov_diameter_px == 1003.5
     assert info.thresholds == {"MA": 0.3, "HE": 0.45} and info.deploy == "deploy.prototxt"
     assert "other" not in info.raw and json.loads(info.raw["weights"]) == "stage2_final.caffemodel"
+    assert info.threshold_rule == "break-even"
+    assert ModelInfo.from_metadata(info.raw) == read_model_info(weights)  # the sidecar, round trip
     assert np.allclose(OnnxSegmenter(out, providers=["CPUExecutionProvider"]).mean, side["mean_bgr"])
     capsys.readouterr()
 
