@@ -136,9 +136,9 @@ def _conv_attrs(layer) -> dict:
 
 def _pool_attrs(layer) -> dict:
     """MaxPool attributes of a Caffe MAX Pooling layer (ceil rounding, see the module docstring)."""
-    pp = layer.pooling_param
     from caffe.proto import caffe_pb2
 
+    pp = layer.pooling_param
     if pp.pool != caffe_pb2.PoolingParameter.MAX:
         raise UnsupportedLayerError(f"layer '{layer.name}': only MAX pooling is exported")
     if pp.global_pooling:
@@ -418,7 +418,10 @@ def compare_with_caffe(net, model: bytes | str | os.PathLike, size: tuple[int, i
     net.blobs["data"].data[...] = x
     net.forward()
     src = model if isinstance(model, bytes) else str(model)
-    sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
     names = list(net.outputs)
-    got = sess.run(names, {"data": x})
+    try:
+        sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+        got = sess.run(names, {"data": x})
+    except Exception as e:  # onnxruntime's own exception types (Fail, InvalidArgument, ...)
+        raise ExportCheckError(f"ONNX Runtime cannot run the exported model at {h}x{w}: {e}") from e
     return max(float(np.abs(net.blobs[b].data - y).max()) for b, y in zip(names, got, strict=True))

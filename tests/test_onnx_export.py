@@ -139,6 +139,17 @@ def test_unknown_layer_types_are_refused_by_name(caffe, tmp_path):
     assert "conv1" not in msg.split("Supported")[0] and not (tmp_path / "odd.onnx").exists()
 
 
+def test_export_refuses_a_model_that_differs_from_caffe(exported, monkeypatch, tmp_path):
+    from redseg import onnx_export
+
+    deploy, weights, _ = exported
+    pool_attrs = onnx_export._pool_attrs
+    monkeypatch.setattr(onnx_export, "_pool_attrs", lambda layer: {**pool_attrs(layer), "ceil_mode": 0})
+    with pytest.raises(onnx_export.ExportCheckError, match="at 37x53"):  # floor pooling: the sizes disagree
+        export(weights, tmp_path / "floor.onnx", deploy=deploy, verify_size=(37, 53))
+    assert not (tmp_path / "floor.onnx").exists()
+
+
 def _tool():
     import importlib.util
 
