@@ -148,7 +148,8 @@ def run(args) -> int:
     if args.data is not None:
         if mean is None:
             mean = [float(v) for v in mean_bgr(args.data)]
-        data_fov = (fov_diameter(args.data), f"--data {args.data} (meta.json fov_diameter_px, or measured)")
+        if args.fov_diameter is None:  # an older set without it is measured: not when it is given
+            data_fov = (fov_diameter(args.data), f"--data {args.data} (meta.json fov_diameter_px, or measured)")
     seg, model_fov, model_thr, model_src = (_onnx_model if args.onnx else _caffe_model)(args, mean)
     settings = screening.resolve_settings(
         str(args.onnx or args.weights),
