@@ -18,7 +18,7 @@ TRAIN    := $(PY) tools/train.py --data $(DATA) --run $(RUN) --schedule $(SCHEDU
 
 DEMO     := runs/demo
 
-.PHONY: help setup cuda-check test lint prototxt data stage1 stage2 evaluate demo vgg16 benchmark clean
+.PHONY: help setup cuda-check test lint prototxt data stage1 stage2 evaluate demo reproduce vgg16 benchmark clean
 
 help:
 	@echo "make setup      venv + BVLC Caffe with pycaffe (cached build; CAFFE_ROOT=... to use your own)"
@@ -26,6 +26,7 @@ help:
 	@echo "make setup CUDA=1 [CUDA_ROOT=...] [CUDA_ARCH_BIN='61 75']   the CUDA build (docs/gpu.md)"
 	@echo "make cuda-check compile + link the CUDA build here (no GPU needed), .venv unchanged"
 	@echo "make demo       the whole pipeline on a synthetic fundus set -> runs/demo/report.md"
+	@echo "make reproduce [IDRID=/path] [SCHEDULE=smoke] [GPUS='0 1'] [RUN=runs/reproduce]  Tables 2, 5, Figs 6, 7 -> reproduction.md"
 	@echo "make data IDRID=/path/to/IDRiD   prepare the official IDRiD segmentation set into $(DATA)"
 	@echo "make vgg16      fetch/validate ImageNet VGG16 weights into $(VGG16)"
 	@echo "make stage1 stage2 [SCHEDULE=paper|demo|smoke] [GPU=0] [DATA=...] [RUN=...] [ITERS=N] [LR=x]"
@@ -79,6 +80,15 @@ demo: setup
 	$(PY) tools/test_net.py --weights $(DEMO)/stage2_final.caffemodel --data $(DEMO)/data --gt $(DEMO)/idrid --out $(DEMO)/test
 	@echo "Demo finished. Report of the two-stage model: $(DEMO)/test/eval/report.md"
 	@echo "(metrics.json, pr_curves.png and overlays/ beside it; stage 1 alone, as in Table 2: $(DEMO)/test_stage1/eval/report.md)"
+
+# Every experiment of the paper (Tables 2 and 5, Figures 6 and 7, the open choices) through the same
+# driver and evaluation -> $(REPRO)/reproduction.md (docs/reproduce.md). Without IDRID: the synthetic
+# set with the demo schedule; SCHEDULE=smoke: a few minutes; GPUS="0 1 2 3": one experiment per GPU.
+GPUS     ?= $(GPU)
+REPRO    := $(if $(filter command line environment,$(origin RUN)),$(RUN),runs/reproduce)
+REPRO_SCHEDULE := $(if $(filter command line environment,$(origin SCHEDULE)),--schedule $(SCHEDULE),)
+reproduce: setup
+	$(PY) tools/reproduce.py --run $(REPRO) $(REPRO_SCHEDULE) $(if $(IDRID),--idrid "$(IDRID)" $(if $(FROM_SCRATCH),--from-scratch,--weights $(VGG16)),) $(if $(strip $(GPUS)),--gpus $(GPUS),)
 
 # Speed and memory of the training iteration, the Python layers, the deploy pass and scoring
 # (docs/performance.md). SIZE=HxW, default the paper's 712x1072.

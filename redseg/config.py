@@ -143,6 +143,13 @@ PAPER_RESULTS = {
         "HE": {"precision": 0.6269, "recall": 0.6251, "auc_pr": 0.5695},
     },
 }
+# Table 2's middle row: the paper reports no numbers for training with the stage-2 loss only.
+# Table 5: the MA branch's fusion variants, stage 1 only (MA precision, recall, AUC_PR).
+PAPER_TABLE5 = {
+    "conv2-4": {"precision": 0.4875, "recall": 0.4926, "auc_pr": 0.4669},
+    "conv2-5": {"precision": 0.4852, "recall": 0.4879, "auc_pr": 0.4477},
+    "conv1-4": {"precision": 0.4864, "recall": 0.4897, "auc_pr": 0.4647},
+}
 # Tables 3/4: AUC_PR of other methods on IDRiD (None: not reported).
 PAPER_COMPARISON_AUC_PR = {
     "HED": (0.4271, 0.5084),

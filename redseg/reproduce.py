@@ -1,0 +1,387 @@
+"""Every experiment of the paper in one run: Tables 2 and 5, Figures 6 and 7, and the open choices.
+
+``make reproduce`` (tools/reproduce.py) runs each experiment as the user would by hand, through the
+same driver and evaluation (tools/train.py, tools/test_net.py), in its own folder under the run
+folder, as a child process: a Caffe abort (a glog CHECK) or a diverged loss ends that experiment
+only, which the tables then report, and the others go on. redseg/reproduction.py assembles the
+tables and figures from what the experiments wrote.
+
+The experiments (:data:`EXPERIMENTS`; docs/reproduce.md):
+
+* Table 2: stage 1 only, the stage-2 loss only, the two stages (stage 2 from stage 1's weights);
+* Table 5: the MA branch fused from conv2-4 (the main model: Table 2's stage 1), conv2-5, conv1-4,
+  stage 1 only, as in the paper;
+* the open choices (docs/method.md): the mask rule ``area`` and ``nearest`` beside ``any``, and
+  lambda counting only the negatives inside the field of view, stage 1 only, same schedule.
+
+Resumable: an experiment whose folder carries its completion stamp (written last, after its
+metrics) is skipped; an interrupted one continues from its snapshots (the driver resumes). With
+several GPUs (``--gpus 0 1 2 3``) independent experiments run side by side, one per GPU; an
+experiment waits for the one it starts from (:func:`plan`, :func:`execute`).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from redseg import config as C
+from redseg.caffe_utils import REPO
+from redseg.fileio import is_complete, mark_complete, read_json_object, write_json
+
+log = logging.getLogger(__name__)
+
+ABLATIONS = "prototxt/ablations"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One row of a table: what to train, from what, on which prepared set, and how to test it."""
+
+    name: str  # its folder under the run folder
+    title: str  # the row's label
+    tables: tuple[str, ...]  # where it appears: "table2", "table5", "choices"
+    stage: int = 1  # the stage trained in this experiment's folder
+    net: str | None = None  # train net instead of the solver's (an ablation)
+    solver: str | None = None  # solver template instead of prototxt/solver_stage<N>.prototxt
+    deploy: str | None = None  # deploy net for testing, if not prototxt/deploy.prototxt
+    mask_rule: str = "any"  # which prepared set it trains on
+    after: str | None = None  # the experiment whose stage-1 weights it starts from
+    sides: int = 0  # test images whose side outputs to write (Fig. 7)
+
+    @property
+    def final(self) -> str:
+        return f"stage{self.stage}_final.caffemodel"
+
+
+EXPERIMENTS: tuple[Experiment, ...] = (
+    Experiment("stage1", "stage 1 only (Top-k CE)", ("table2", "table5", "choices"), sides=3),
+    Experiment("two_stage", "two stages (Red-Seg)", ("table2",), stage=2, after="stage1", sides=3),
+    # [assumption, docs/method.md#stage-2-only-ablation] the paper gives no settings for this row:
+    # FN + FP from the initial weights at stage 1's schedule (the same budget as the row above).
+    Experiment(
+        "stage2_only",
+        "stage-2 loss only (FN + FP)",
+        ("table2",),
+        solver=f"{ABLATIONS}/solver_l2_only.prototxt",
+    ),
+    Experiment(
+        "ma_conv2-5",
+        "MA fused from conv2-5",
+        ("table5",),
+        net=f"{ABLATIONS}/train_stage1_ma_conv2-5.prototxt",
+        deploy=f"{ABLATIONS}/deploy_ma_conv2-5.prototxt",
+    ),
+    Experiment(
+        "ma_conv1-4",
+        "MA fused from conv1-4",
+        ("table5",),
+        net=f"{ABLATIONS}/train_stage1_ma_conv1-4.prototxt",
+        deploy=f"{ABLATIONS}/deploy_ma_conv1-4.prototxt",
+    ),
+    Experiment("mask_area", "masks downsampled by `area`", ("choices",), mask_rule="area"),
+    Experiment("mask_nearest", "masks downsampled by `nearest`", ("choices",), mask_rule="nearest"),
+    Experiment(
+        "negatives_fov",
+        "lambda counts negatives in the FOV only",
+        ("choices",),
+        net=f"{ABLATIONS}/train_stage1_negatives_fov.prototxt",
+    ),
+)
+
+
+@dataclass
+class Settings:
+    """What every experiment of one reproduction shares."""
+
+    run: Path  # the run folder (runs/reproduce)
+    gt: Path  # the official-layout root with the full-size labels (IDRiD or the synthetic set)
+    data: dict[str, Path]  # prepared set per mask rule
+    schedule: C.TrainingSchedule
+    weights: Path | None  # ImageNet VGG16 for stage 1; None: from scratch
+    synthetic: bool
+    python: str = sys.executable
+    progress: bool = True
+
+    def folder(self, exp: Experiment) -> Path:
+        return self.run / exp.name
+
+
+@dataclass
+class Outcome:
+    """What happened to one experiment in this invocation."""
+
+    name: str
+    status: str  # "done", "skipped" (finished earlier), "failed", "not run" (what it starts from failed)
+    gpu: int | None = None
+    seconds: float = 0.0
+    error: str = ""
+    steps: list[dict] = field(default_factory=list)
+
+
+def finished(folder: Path, exp: Experiment) -> bool:
+    """Final weights and metrics present, and the completion stamp written after them."""
+    return (
+        is_complete(folder) and (folder / exp.final).is_file() and (folder / "test" / "eval" / "metrics.json").is_file()
+    )
+
+
+def iterations(exp: Experiment, schedule: C.TrainingSchedule) -> int:
+    """The solver iterations of the experiment's own stage (the ETA's unit)."""
+    return (schedule.stage1 if exp.stage == 1 else schedule.stage2).max_iter
+
+
+def commands(exp: Experiment, s: Settings, gpu: int | None) -> list[tuple[str, list[str]]]:
+    """The tool invocations of one experiment, as a user would type them: (step, argv)."""
+    out = s.folder(exp)
+    data = s.data[exp.mask_rule]
+    gpu_args = ["--gpu", str(gpu)] if gpu is not None else []
+    train = [s.python, str(REPO / "tools" / "train.py"), "-q", "--stage", str(exp.stage)]
+    train += ["--data", str(data), "--run", str(out), "--schedule", s.schedule.name, *gpu_args]
+    if exp.stage == 1:
+        train += ["--weights", str(s.weights)] if s.weights else ["--from-scratch"]
+    else:
+        train += ["--weights", str(s.run / exp.after / "stage1_final.caffemodel")]
+    if exp.net:
+        train += ["--net", str(REPO / exp.net)]
+    if exp.solver:
+        train += ["--solver", str(REPO / exp.solver)]
+    test = [s.python, str(REPO / "tools" / "test_net.py"), "-q", "--weights", str(out / exp.final)]
+    test += ["--data", str(data), "--gt", str(s.gt), "--out", str(out / "test"), "--overlays", "0", *gpu_args]
+    if exp.deploy:
+        test += ["--deploy", str(REPO / exp.deploy)]
+    if exp.sides:
+        test += ["--sides", str(exp.sides)]
+    return [("train", train), ("test", test)]
+
+
+def _last_iteration(log_csv: Path) -> int:
+    """The last iteration in a stage's loss log (0 when there is none yet)."""
+    try:
+        with log_csv.open(newline="") as f:
+            rows = list(csv.reader(f))
+    except OSError:
+        return 0
+    for row in reversed(rows[1:]):
+        if row and row[0].isdigit():
+            return int(row[0])
+    return 0
+
+
+def run_experiment(exp: Experiment, s: Settings, gpu: int | None, bar=None) -> Outcome:
+    """Train and test one experiment in its folder; its record is ``experiment.json``."""
+    folder = s.folder(exp)
+    if finished(folder, exp):
+        prev = read_json_object(folder / "experiment.json") or {}
+        return Outcome(exp.name, "skipped", gpu, float(prev.get("seconds", 0.0)), steps=prev.get("steps", []))
+    folder.mkdir(parents=True, exist_ok=True)
+    outcome = Outcome(exp.name, "done", gpu)
+    t0 = time.monotonic()
+    total = iterations(exp, s.schedule)
+    log_csv = folder / f"stage{exp.stage}_log.csv"
+    for step, argv in commands(exp, s, gpu):
+        t_step = time.monotonic()
+        with (folder / f"{step}.log").open("a") as logf:
+            logf.write(f"\n$ {' '.join(argv)}\n")
+            logf.flush()
+            proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO)
+            while proc.poll() is None:
+                if bar is not None:
+                    done = _last_iteration(log_csv) if step == "train" else total
+                    bar.update(done - bar.n)
+                    bar.set_postfix_str(step, refresh=True)
+                time.sleep(1.0)
+        outcome.steps.append({"step": step, "argv": argv, "seconds": round(time.monotonic() - t_step, 1)})
+        if proc.returncode != 0:
+            tail = (folder / f"{step}.log").read_text(errors="replace").strip().splitlines()[-3:]
+            outcome.status = "failed"
+            outcome.error = f"{step} exited with {proc.returncode}: " + " | ".join(tail)
+            break
+    outcome.seconds = round(time.monotonic() - t0, 1)
+    record = {
+        "name": exp.name,
+        "title": exp.title,
+        "status": outcome.status,
+        "error": outcome.error,
+        "gpu": gpu,
+        "seconds": outcome.seconds,
+        "steps": outcome.steps,
+        "schedule": s.schedule.name,
+    }
+    write_json(folder / "experiment.json", record)
+    if outcome.status == "done":
+        mark_complete(folder, f"{exp.name} finished {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    if bar is not None:
+        bar.update(total - bar.n)
+        bar.set_postfix_str(outcome.status, refresh=True)
+    return outcome
+
+
+# --- several GPUs ---------------------------------------------------------------------------------
+
+
+def plan(experiments: Sequence[Experiment], slots: Sequence[int | None], cost: Callable[[Experiment], float]):
+    """Which slot (GPU id, or None for the CPU) runs which experiment, and when: greedy list
+    scheduling in the given order, an experiment starting when a slot is free and what it starts
+    from has finished. Returns ``[(name, slot, start, end)]`` in start order; :func:`execute`
+    follows the same policy with real durations."""
+    free = {slot: 0.0 for slot in slots}
+    end: dict[str, float] = {}
+    pending = list(experiments)
+    out = []
+    while pending:
+        slot = min(free, key=lambda k: (free[k], list(slots).index(k)))
+        ready = [e for e in pending if e.after is None or e.after in end]
+        if not ready:
+            raise ValueError(f"experiments wait for ones that are not planned: {[e.name for e in pending]}")
+        # the earliest possible start among the ready ones (an experiment may wait for its parent)
+        exp = min(ready, key=lambda e: max(free[slot], end.get(e.after, 0.0)))
+        start = max(free[slot], end.get(exp.after, 0.0))
+        end[exp.name] = free[slot] = start + cost(exp)
+        out.append((exp.name, slot, start, end[exp.name]))
+        pending.remove(exp)
+    return sorted(out, key=lambda r: (r[2], str(r[1])))
+
+
+def execute(
+    experiments: Sequence[Experiment],
+    slots: Sequence[int | None],
+    worker: Callable[[Experiment, int | None], Outcome],
+) -> list[Outcome]:
+    """Run ``worker(experiment, slot)`` for every experiment, one at a time per slot, the slots
+    side by side (a thread each); an experiment starts once the one it starts from has finished,
+    and is "not run" if that one failed. Returns the outcomes in the experiments' order."""
+    lock = threading.Condition()
+    outcomes: dict[str, Outcome] = {}
+    pending = list(experiments)
+    running: set[str] = set()
+    errors: queue.Queue = queue.Queue()
+    names = {e.name for e in experiments}
+
+    def next_for_slot() -> Experiment | None:
+        with lock:
+            while True:
+                for e in pending:
+                    waits = e.after in names  # a parent outside this selection: its folder decides
+                    parent = outcomes.get(e.after) if waits else None
+                    if waits and parent is None:
+                        continue  # its parent is still running or waiting
+                    pending.remove(e)
+                    if parent is not None and parent.status not in ("done", "skipped"):
+                        outcomes[e.name] = Outcome(e.name, "not run", error=f"{e.after} {parent.status}")
+                        lock.notify_all()
+                        break  # look again from the start
+                    running.add(e.name)
+                    return e
+                else:
+                    if not pending:
+                        return None
+                    lock.wait()
+
+    def slot_loop(slot: int | None) -> None:
+        try:
+            while (exp := next_for_slot()) is not None:
+                try:
+                    res = worker(exp, slot)
+                except Exception as e:  # the runner's own failure for this experiment: report, go on
+                    log.exception("%s failed in the runner", exp.name)
+                    res = Outcome(exp.name, "failed", slot, error=f"{type(e).__name__}: {e}")
+                with lock:
+                    running.discard(exp.name)
+                    outcomes[exp.name] = res
+                    lock.notify_all()
+        except BaseException as e:  # pragma: no cover - Ctrl-C in a worker thread
+            errors.put(e)
+
+    threads = [threading.Thread(target=slot_loop, args=(slot,), daemon=True) for slot in slots]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.5)
+    if not errors.empty():
+        raise errors.get()
+    return [outcomes[e.name] for e in experiments]
+
+
+def run_all(s: Settings, experiments: Sequence[Experiment] = EXPERIMENTS, gpus: Sequence[int] = ()) -> list[Outcome]:
+    """Every experiment, one progress line each with its ETA; then the tables and figures."""
+    from tqdm import tqdm
+
+    slots: list[int | None] = list(gpus) or [None]
+    bars = {}
+    for i, exp in enumerate(experiments):
+        total = iterations(exp, s.schedule)
+        bars[exp.name] = tqdm(
+            total=total,
+            desc=f"{exp.name:<13}",
+            unit="it",
+            position=i,
+            leave=True,
+            disable=not s.progress,
+            dynamic_ncols=True,
+        )
+    try:
+        outcomes = execute(experiments, slots, lambda e, g: run_experiment(e, s, g, bars[e.name]))
+    finally:
+        for b in bars.values():
+            b.close()
+    for o in outcomes:
+        msg = f"{o.name}: {o.status}" + (f" ({o.error})" if o.error else "") + f", {o.seconds:.0f} s"
+        (log.warning if o.status in ("failed", "not run") else log.info)(msg)
+    return outcomes
+
+
+def settings_json(s: Settings) -> dict:
+    return {
+        "run": str(s.run),
+        "gt": str(s.gt),
+        "data": {k: str(v) for k, v in s.data.items()},
+        "schedule": s.schedule.name,
+        "schedule_description": s.schedule.description,
+        "weights": str(s.weights) if s.weights else None,
+        "synthetic": s.synthetic,
+    }
+
+
+class ReproductionError(ValueError):
+    """The run folder holds a reproduction made differently; the message says what to do."""
+
+
+def check_settings(s: Settings) -> None:
+    """Refuse to mix experiments of different settings in one run folder (their finished
+    experiments would be skipped and land in the same tables)."""
+    old = read_json_object(s.run / "settings.json")
+    if not old:
+        return
+    new = settings_json(s)
+    differ = [k for k in ("gt", "schedule", "weights", "synthetic") if old.get(k) != new[k]]
+    if differ:
+        diffs = "; ".join(f"{k}: {old.get(k)!r} there, {new[k]!r} now" for k in differ)
+        raise ReproductionError(
+            f"{s.run} holds a reproduction with other settings ({diffs}). Use another run folder "
+            "(RUN=..., --run) or move that one away; nothing was changed."
+        )
+
+
+def save_settings(s: Settings) -> None:
+    write_json(s.run / "settings.json", settings_json(s))
+
+
+def load_outcomes(s: Settings, experiments: Sequence[Experiment] = EXPERIMENTS) -> dict[str, dict]:
+    """Each experiment's record (``experiment.json``), or a "not run" record."""
+    out = {}
+    for exp in experiments:
+        rec = read_json_object(s.folder(exp) / "experiment.json") or {"status": "not run", "error": "no record"}
+        if rec.get("status") == "done" and not finished(s.folder(exp), exp):
+            rec = {**rec, "status": "failed", "error": "outputs incomplete (no completion stamp)"}
+        out[exp.name] = rec
+    return out

@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Reproduce the paper's Tables 2 and 5, Figures 6 and 7 and the open choices in one command.
+
+  make reproduce                           # synthetic set, demo schedule, from scratch (docs/reproduce.md)
+  make reproduce IDRID=/path/to/IDRiD      # real IDRiD, the paper's schedule, ImageNet VGG16 weights
+  make reproduce SCHEDULE=smoke            # a few minutes: every row and both figures, tiny training
+  make reproduce IDRID=... GPUS="0 1 2 3"  # independent experiments side by side, one per GPU
+
+  python tools/reproduce.py [--idrid DIR] [--run runs/reproduce] [--schedule demo|paper|smoke]
+                            [--weights VGG16] [--from-scratch] [--gpus 0 1 ...] [--only NAME ...]
+
+Each experiment runs tools/train.py and tools/test_net.py in its own folder under --run; then
+reproduction.md / reproduction.json and the two figures are written there. Running it again skips
+finished experiments and resumes interrupted ones from their snapshots. Exit status 1 when an
+experiment failed (it is reported in the tables; the others still ran).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from redseg import cli  # noqa: E402
+from redseg import config as C  # noqa: E402
+from redseg.reproduce import EXPERIMENTS  # noqa: E402
+
+DEFAULT_VGG16 = Path("models/vgg16/VGG_ILSVRC_16_layers.caffemodel")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = cli.parser(__doc__, progress=True)
+    ap.add_argument("--idrid", type=Path, help="the official IDRiD (folder holding 'A. Segmentation', or its zip)")
+    ap.add_argument("--run", type=Path, default=Path("runs/reproduce"), help="run folder (default runs/reproduce)")
+    ap.add_argument(
+        "--schedule", choices=sorted(C.SCHEDULES), help="default: paper with --idrid, demo on the synthetic set"
+    )
+    ap.add_argument("--weights", type=Path, help=f"ImageNet VGG16 for stage 1 (default {DEFAULT_VGG16} with --idrid)")
+    ap.add_argument("--from-scratch", action="store_true", help="stage 1 without VGG16 (always on the synthetic set)")
+    ap.add_argument("--gpus", type=int, nargs="*", default=[], help="GPU ids: one experiment per GPU at a time")
+    names = [e.name for e in EXPERIMENTS]
+    ap.add_argument("--only", nargs="+", choices=names, metavar="NAME", help=f"only these: {', '.join(names)}")
+    ap.add_argument("--synthetic-size", type=cli.size, default=(712, 1072), help="HxW of the synthetic photographs")
+    ap.add_argument(
+        "--synthetic-count",
+        type=_pair,
+        default=(len(C.TRAIN_IDS), len(C.TEST_IDS)),
+        help="TRAIN,TEST synthetic photographs (default IDRiD's 54,27; fewer for a quick trial)",
+    )
+    ap.add_argument("--assemble-only", action="store_true", help="rebuild the tables and figures, train nothing")
+    args = cli.parse(ap, argv)
+    return cli.run(lambda: run(args), ap.prog)
+
+
+def _pair(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TRAIN,TEST counts, e.g. 54,27; got {text!r}") from None
+    if a < 1 or b < 1:
+        raise argparse.ArgumentTypeError(f"counts must be at least 1, got {text!r}")
+    return a, b
+
+
+def _tool(name: str, *argv: str) -> None:
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / name), "-q", *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+
+
+def data_paths(args) -> tuple[Path, dict[str, Path]]:
+    """The labels' root (IDRiD, or the synthetic set made here) and the prepared set per mask rule."""
+    gt = args.run / "idrid" if args.idrid is None else args.idrid
+    return gt, {
+        r: args.run / ("data" if r == "any" else f"data_{r}") for r in sorted({e.mask_rule for e in EXPERIMENTS})
+    }
+
+
+def prepare_data(args, gt: Path, data: dict[str, Path]) -> None:
+    """Make the synthetic set (without --idrid) and prepare each set; both reuse finished outputs."""
+    if args.idrid is None:
+        h, w = args.synthetic_size
+        logging.info("synthetic fundus set (%dx%d) -> %s", h, w, gt)
+        n_train, n_test = args.synthetic_count
+        _tool(
+            "make_synthetic.py",
+            "--out",
+            str(gt),
+            "--size",
+            f"{h}x{w}",
+            "--n-train",
+            str(n_train),
+            "--n-test",
+            str(n_test),
+        )
+    for rule, out in data.items():
+        logging.info("prepared set, mask rule %s -> %s", rule, out)
+        _tool("prepare_idrid.py", "--src", str(gt), "--out", str(out), "--mask-rule", rule)
+
+
+def environment(gpus: list[int]) -> dict:
+    from pathlib import Path as _P
+
+    from redseg import blas
+    from redseg.benchmark import machine_info
+    from redseg.caffe_utils import import_caffe
+
+    caffe = import_caffe()
+    info = machine_info(None)
+    build = _P(caffe.__file__).resolve().parents[3].name  # the cache folder: caffe-<source>-p<patches>-<variant>
+    return {
+        "cpu": info.get("cpu"),
+        "usable_cpus": info.get("usable_cpus"),
+        "memory_gb": info.get("memory_gb"),
+        "python": info.get("python"),
+        "gpus": gpus,
+        "caffe": build,
+        "blas": blas.summary(blas.describe()),
+    }
+
+
+def run(args) -> int:
+    from redseg.reproduce import Settings, check_settings, run_all, save_settings
+    from redseg.reproduction import assemble
+
+    t0 = time.monotonic()
+    args.run = args.run.resolve()
+    experiments = [e for e in EXPERIMENTS if not args.only or e.name in args.only]
+    synthetic = args.idrid is None
+    schedule = C.SCHEDULES[args.schedule or ("demo" if synthetic else "paper")]
+    weights = None
+    if not (synthetic or args.from_scratch):
+        weights = args.weights or DEFAULT_VGG16
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"no ImageNet VGG16 weights at {weights}: run `make vgg16` (docs/weights.md), pass "
+                "VGG16=/path (--weights), or FROM_SCRATCH=1 (--from-scratch; not the paper's setting)"
+            )
+    gt, data = data_paths(args)
+    s = Settings(args.run, gt, data, schedule, weights, synthetic, progress=cli.show_progress(args))
+    check_settings(s)  # before anything is written
+    if not args.assemble_only:
+        args.run.mkdir(parents=True, exist_ok=True)
+        prepare_data(args, gt, {e.mask_rule: data[e.mask_rule] for e in experiments})
+    save_settings(s)
+    outcomes = []
+    if not args.assemble_only:
+        outcomes = run_all(s, experiments, args.gpus)
+    result = assemble(s, environment(args.gpus), time.monotonic() - t0)
+    print(f"\n{args.run / 'reproduction.md'}")
+    failed = [o.name for o in outcomes if o.status in ("failed", "not run")]
+    if failed:
+        logging.error("failed or not run: %s (see reproduction.md and each folder's train.log / test.log)", failed)
+        return 1
+    bad = [k for k, v in result["experiments"].items() if v["status"] not in ("done", "skipped")]
+    if bad and not args.only:
+        logging.warning("experiments without results: %s", ", ".join(bad))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
