@@ -98,6 +98,9 @@ EXPERIMENTS: tuple[Experiment, ...] = (
 )
 
 
+BY_NAME = {e.name: e for e in EXPERIMENTS}
+
+
 @dataclass
 class Settings:
     """What every experiment of one reproduction shares."""
@@ -335,6 +338,10 @@ def run_all(s: Settings, experiments: Sequence[Experiment] = EXPERIMENTS, gpus: 
         for b in bars.values():
             b.close()
     for o in outcomes:
+        if o.status == "not run":  # its record says so (an older record would claim otherwise)
+            s.folder(BY_NAME[o.name]).mkdir(parents=True, exist_ok=True)
+            rec = {"name": o.name, "status": o.status, "error": o.error, "gpu": None, "seconds": 0.0, "steps": []}
+            write_json(s.folder(BY_NAME[o.name]) / "experiment.json", rec)
         msg = f"{o.name}: {o.status}" + (f" ({o.error})" if o.error else "") + f", {o.seconds:.0f} s"
         (log.warning if o.status in ("failed", "not run") else log.info)(msg)
     return outcomes
