@@ -39,6 +39,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import cv2
 import numpy as np
@@ -483,9 +484,10 @@ def render_html(rows: list[dict], settings: Settings) -> str:
         if r["status"] != "ok":
             parts.append(f'<p class="skipped">{e(r["status"])}</p></div>')
             continue
+        thumb, overlay = (e(quote(r[k])) for k in ("thumbnail", "overlay"))  # a name may hold ' ', '#', '?'
         parts.append(
-            f'<a href="{e(r["thumbnail"])}"><img class="thumb" src="{e(r["thumbnail"])}" alt="photograph"></a> '
-            f'<a href="{e(r["overlay"])}"><img class="overlay" src="{e(r["overlay"])}" alt="overlay"></a>'
+            f'<a href="{thumb}"><img class="thumb" src="{thumb}" alt="photograph"></a> '
+            f'<a href="{overlay}"><img class="overlay" src="{overlay}" alt="overlay"></a>'
         )
         nums = [
             ("size", f"{r['width']}x{r['height']} px"),

@@ -277,6 +277,17 @@ def test_summary_files(batch, tmp_path):
     assert "http" not in page  # self-contained
 
 
+def test_page_links_names_with_odd_characters(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    cv2.imwrite(str(d / "eye #1 <a>.png"), photo(150, 100, 60.0, 75.0, 50.0))
+    s = settings()
+    rows = S.screen(S.list_inputs([d]), ColourNet(), s, tmp_path / "o", progress=False)
+    page = S.write_summary(tmp_path / "o", rows, s)["html"].read_text()
+    assert 'src="eye%20%231%20%3Ca%3E_overlay.png"' in page and (tmp_path / "o" / "eye #1 <a>_overlay.png").is_file()
+    assert "<a>" not in page.replace("<a href", "")  # the name is escaped in the text
+
+
 def test_same_names_from_two_folders_do_not_overwrite(tmp_path):
     for sub in ("x", "y"):
         (tmp_path / sub).mkdir()
