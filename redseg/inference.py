@@ -98,14 +98,21 @@ def _model_info(custom: dict[str, str], source: str) -> OnnxModelInfo:
     )
 
 
-def read_onnx_info(model_path: str | os.PathLike) -> OnnxModelInfo:
-    """The mean, FOV diameter, thresholds and fusion stages an exported model carries (absent: None)."""
+def _session(path: Path, providers: list[str]):
+    """An ONNX Runtime session of ``path``; a missing or unreadable file is an OSError/ValueError naming it."""
     ort = _import_onnxruntime()
-    path = Path(model_path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX model not found: {path}")
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return _model_info(sess.get_modelmeta().custom_metadata_map, str(path))
+    try:
+        return ort.InferenceSession(str(path), providers=providers)
+    except Exception as e:  # onnxruntime's own types (InvalidProtobuf, Fail, ...): bad input, one line
+        raise ValueError(f"{path}: ONNX Runtime cannot load it as a model: {e}") from e
+
+
+def read_onnx_info(model_path: str | os.PathLike) -> OnnxModelInfo:
+    """The mean, FOV diameter, thresholds and fusion stages an exported model carries (absent: None)."""
+    sess = _session(Path(model_path), ["CPUExecutionProvider"])
+    return _model_info(sess.get_modelmeta().custom_metadata_map, str(model_path))
 
 
 class OnnxSegmenter:
@@ -117,11 +124,8 @@ class OnnxSegmenter:
     """
 
     def __init__(self, model_path: str | os.PathLike, mean_bgr=None, providers: list[str] | None = None):
-        ort = _import_onnxruntime()
         path = Path(model_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"ONNX model not found: {path}")
-        self.session = ort.InferenceSession(str(path), providers=providers or default_providers())
+        self.session = _session(path, providers or default_providers())
         self.info = _model_info(self.session.get_modelmeta().custom_metadata_map, str(path))
         if mean_bgr is None:
             mean_bgr = self.info.mean_bgr

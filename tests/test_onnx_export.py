@@ -119,6 +119,15 @@ def test_segmenting_with_onnx_loads_no_caffe(exported):
     assert r.stdout.strip() == "[]"
 
 
+def test_a_file_that_is_no_model_is_a_clear_error(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="cannot load it as a model"):
+        OnnxSegmenter(bad)
+    with pytest.raises(FileNotFoundError):
+        read_onnx_info(tmp_path / "missing.onnx")
+
+
 def test_unknown_layer_types_are_refused_by_name(caffe, tmp_path):
     proto = tmp_path / "odd.prototxt"
     proto.write_text(
