@@ -52,6 +52,7 @@ AREA_RATIO = (0.3, 1.15)  # region area / area of the fitted circle inside the f
 MIN_STD = 3.0  # grey levels; below: a uniform image
 MAX_ROUGHNESS = 0.85  # mean |neighbour difference| / std; above: noise (i.i.d. noise ~1.13, tiny fundus crops <= 0.6)
 MIN_SIDE = 16  # pixels; a smaller image cannot show a fundus
+WORK_SIDE = 1100  # a larger photograph's FOV is found on a copy this long (its diameter to ~0.1 %)
 
 
 class FovError(ValueError):
@@ -172,6 +173,16 @@ def find_fov(img_bgr: np.ndarray, name: str = "image") -> FieldOfView:
     h, w = img_bgr.shape[:2]
     if h < MIN_SIDE or w < MIN_SIDE:
         raise FovError(f"{name}: {w}x{h} is too small for a fundus photograph (at least {MIN_SIDE}x{MIN_SIDE})")
+    if max(h, w) > WORK_SIDE:  # found on a smaller copy (a 4288x2848 photograph: ~0.1 s instead of ~1.3 s)
+        k = WORK_SIDE / max(h, w)
+        small = cv2.resize(
+            img_bgr, (max(MIN_SIDE, round(w * k)), max(MIN_SIDE, round(h * k))), interpolation=cv2.INTER_AREA
+        )
+        f = find_fov(small, name)
+        kx, ky = small.shape[1] / w, small.shape[0] / h
+        if not f.border:
+            return FieldOfView((w - 1) / 2.0, (h - 1) / 2.0, math.hypot(w, h) / 2.0, h, w, False)
+        return FieldOfView((f.cx + 0.5) / kx - 0.5, (f.cy + 0.5) / ky - 0.5, f.radius * 2.0 / (kx + ky), h, w, True)
     g = _grey(img_bgr)
     lit = g[g > DARK_MIN]
     if lit.size < MIN_LIT * g.size:

@@ -81,7 +81,7 @@ def test_black_margins_and_a_letterboxed_cut_disc():
     assert_close(find_fov(box), cx + 20, cy - y0 + 40, r, rel=0.01)
 
 
-@pytest.mark.parametrize("scale", [0.4, 2.5])
+@pytest.mark.parametrize("scale", [0.4, 2.5, 7.0])  # 7x: 1400 px wide, found on a smaller copy
 def test_rescaled_photograph_scales_the_diameter(scale):
     img, (cx, cy, r) = fundus(9, 200, 140)
     w, h = round(200 * scale), round(140 * scale)
@@ -126,6 +126,9 @@ def test_no_border_the_frame_is_the_fov():
     assert (fov.cx, fov.cy) == (89.5, 59.5)
     assert fov.diameter == pytest.approx(math.hypot(180, 120))  # the frame inscribed in the FOV
     assert fov.mask().all() and fov.crop_box() == (0, 0, 180, 120)
+    large = cv2.resize(inner, (1800, 1200), interpolation=cv2.INTER_LINEAR)  # found on a smaller copy
+    fov = find_fov(large)
+    assert not fov.border and (fov.cx, fov.cy, fov.diameter) == (899.5, 599.5, math.hypot(1800, 1200))
 
 
 @pytest.mark.parametrize(
