@@ -233,7 +233,11 @@ class TestLoss:
                 layer.iteration = max(self.solver.iter, 1)
             sums = dict.fromkeys(self.names, 0.0)
             for _ in range(self.n_images):
-                net.forward()
+                try:
+                    net.forward()
+                except FloatingPointError:  # a loss layer saw NaN/inf: the training step will stop on it too
+                    sums = dict.fromkeys(self.names, math.nan)
+                    break
                 for n in self.names:
                     sums[n] += net.blobs[n].data.item()
         finally:

@@ -98,7 +98,7 @@ def test_a_worker_exception_is_a_failed_experiment_not_a_stopped_run():
 
 def reproduce(run: Path, *args, check=True):
     cmd = [sys.executable, str(REPO / "tools" / "reproduce.py"), "--no-progress", "--run", str(run)]
-    cmd += ["--schedule", "smoke", "--synthetic-size", "128x192", "--synthetic-count", "3,2", *map(str, args)]
+    cmd += ["--schedule", "smoke", *map(str, args)]  # what `make reproduce SCHEDULE=smoke` runs
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
