@@ -18,7 +18,7 @@ TRAIN    := $(PY) tools/train.py --data $(DATA) --run $(RUN) --schedule $(SCHEDU
 
 DEMO     := runs/demo
 
-.PHONY: help setup cuda-check test lint prototxt data stage1 stage2 evaluate demo reproduce vgg16 benchmark clean
+.PHONY: help setup cuda-check test lint prototxt data stage1 stage2 evaluate demo reproduce onnx vgg16 benchmark benchmark-onnx clean
 
 help:
 	@echo "make setup      venv + BVLC Caffe with pycaffe (cached build; CAFFE_ROOT=... to use your own)"
@@ -31,8 +31,10 @@ help:
 	@echo "make vgg16      fetch/validate ImageNet VGG16 weights into $(VGG16)"
 	@echo "make stage1 stage2 [SCHEDULE=paper|demo|smoke] [GPU=0] [DATA=...] [RUN=...] [ITERS=N] [LR=x]"
 	@echo "make evaluate [IDRID=/path]  maps + metrics of $(WEIGHTS) -> $(RUN)/test (full-size labels with IDRID)"
+	@echo "make onnx [WEIGHTS=...] [FORCE=1]  export a trained model to ONNX -> $(ONNX) (docs/onnx.md)"
 	@echo "make prototxt   regenerate prototxt/ from redseg/net.py"
 	@echo "make benchmark  [SIZE=712x1072] [GPU=0] timings -> runs/benchmark/ (docs/performance.md)"
+	@echo "make benchmark-onnx [SIZE=712x1072]  one photograph through pycaffe and ONNX Runtime (CPU)"
 	@echo "make lint       ruff"
 
 setup:
@@ -90,11 +92,21 @@ REPRO_SCHEDULE := $(if $(filter command line environment,$(origin SCHEDULE)),--s
 reproduce: setup
 	$(PY) tools/reproduce.py --run $(REPRO) $(REPRO_SCHEDULE) $(if $(IDRID),--idrid "$(IDRID)" $(if $(FROM_SCRATCH),--from-scratch,--weights $(VGG16)),) $(if $(strip $(GPUS)),--gpus $(GPUS),)
 
+# A trained model as ONNX (docs/onnx.md): checked against pycaffe before it is written; its sidecar's
+# mean, FOV diameter and thresholds go into the model's metadata. tools/segment.py --onnx runs it
+# without Caffe.
+ONNX ?= $(WEIGHTS:.caffemodel=.onnx)
+onnx: setup
+	$(PY) tools/export_onnx.py --weights $(WEIGHTS) --out $(ONNX) $(if $(FORCE),--force,)
+
 # Speed and memory of the training iteration, the Python layers, the deploy pass and scoring
 # (docs/performance.md). SIZE=HxW, default the paper's 712x1072.
 SIZE ?= 712x1072
 benchmark: setup
 	$(PY) tools/benchmark.py --size $(SIZE) $(GPU_FLAG) --json runs/benchmark/benchmark_$(SIZE).json
+
+benchmark-onnx: setup
+	$(PY) tools/benchmark.py --onnx --size $(SIZE) -q
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
