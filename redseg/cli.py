@@ -75,6 +75,17 @@ def size_at_least(minimum: int, why: str) -> Callable[[str], tuple[int, int]]:
     return parse_size
 
 
+def mean_bgr(text: str) -> list[float]:
+    """``B,G,R`` -> three floats: an input mean (an argparse ``type``)."""
+    try:
+        mean = [float(v) for v in text.split(",")]
+    except ValueError:
+        mean = []
+    if len(mean) != 3:
+        raise argparse.ArgumentTypeError(f"--mean-bgr must be three numbers B,G,R, got {text!r}")
+    return mean
+
+
 def save_json(out: Path, result: dict) -> None:
     """Write a tool's JSON result to ``out`` (its folder made, atomically) and print where."""
     out.parent.mkdir(parents=True, exist_ok=True)

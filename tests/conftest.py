@@ -74,3 +74,20 @@ def write_prepared_set(root: Path, n: int = 4, size: tuple[int, int] = (64, 48),
 @pytest.fixture(scope="session")
 def tiny_set(tmp_path_factory) -> Path:
     return write_prepared_set(tmp_path_factory.mktemp("tiny_set"))
+
+
+def save_random_model(path: Path, seed: int = 0, deploy: Path | None = None, std: float = 0.05) -> Path:
+    """A Red-Seg model as Caffe saves it: the deploy net (default prototxt/deploy.prototxt) with
+    seeded Gaussian weights and biases in every learnable layer (the bilinear upsampling stays)."""
+    import numpy as np
+
+    from redseg.caffe_utils import load_net
+
+    net = load_net(deploy or REPO / "prototxt" / "deploy.prototxt")
+    rng = np.random.default_rng(seed)
+    for name, blobs in net.params.items():
+        if not name.startswith("up_"):
+            for b in blobs:
+                b.data[...] = rng.normal(0, std, b.data.shape)
+    net.save(str(path))
+    return path

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import save_random_model
 
 from redseg.model_info import (
     ModelInfo,
@@ -76,16 +77,7 @@ def test_thresholds_from_an_evaluation():
 def test_test_net_writes_the_sidecar(caffe, tmp_path, tiny_set):
     """After scoring, <weights>.json holds the set's mean and each lesion's break-even threshold of
     metrics.json."""
-    from redseg.caffe_utils import load_net
-
-    net = load_net(REPO / "prototxt" / "deploy.prototxt")
-    rng = np.random.default_rng(1)
-    for name, blobs in net.params.items():
-        if not name.startswith("up_"):
-            for b in blobs:
-                b.data[...] = rng.normal(0, 0.05, b.data.shape)
-    weights = tmp_path / "model.caffemodel"
-    net.save(str(weights))
+    weights = save_random_model(tmp_path / "model.caffemodel", seed=1)
     cmd = [sys.executable, str(REPO / "tools/test_net.py"), "-q", "--weights", str(weights), "--data",
            str(tiny_set), "--out", str(tmp_path / "t"), "--overlays", "0"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import save_random_model
 
 from redseg.synthetic import SyntheticParams, render_fundus
 
@@ -45,17 +46,9 @@ sys.exit(code)
 @pytest.fixture(scope="module")
 def model(caffe, tmp_path_factory) -> Path:
     """A Red-Seg deploy net with seeded random weights, and its sidecar (as tools/test_net.py writes)."""
-    from redseg.caffe_utils import load_net
     from redseg.model_info import ModelInfo, write_model_info
 
-    net = load_net(REPO / "prototxt" / "deploy.prototxt")
-    rng = np.random.default_rng(0)
-    for name, blobs in net.params.items():
-        if not name.startswith("up_"):
-            for b in blobs:
-                b.data[...] = rng.normal(0, 0.05, b.data.shape)
-    path = tmp_path_factory.mktemp("model") / "model.caffemodel"
-    net.save(str(path))
+    path = save_random_model(tmp_path_factory.mktemp("model") / "model.caffemodel", seed=0)
     write_model_info(path, ModelInfo([30.0, 60.0, 120.0], TRAIN_FOV, {"MA": 0.3, "HE": 0.7}, "test", "m.json"))
     return path
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import save_random_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -22,17 +23,7 @@ def run_test_net(*args):
 @pytest.fixture(scope="module")
 def weights(caffe, tmp_path_factory) -> Path:
     """A Red-Seg model as Caffe saves it (deploy net, seeded random fillers): every layer present."""
-    from redseg.caffe_utils import load_net
-
-    net = load_net(REPO / "prototxt" / "deploy.prototxt")
-    rng = np.random.default_rng(0)
-    for name, blobs in net.params.items():
-        if not name.startswith("up_"):
-            for b in blobs:
-                b.data[...] = rng.normal(0, 0.05, b.data.shape)
-    path = tmp_path_factory.mktemp("w") / "model.caffemodel"
-    net.save(str(path))
-    return path
+    return save_random_model(tmp_path_factory.mktemp("w") / "model.caffemodel", seed=0)
 
 
 def test_maps_equal_a_direct_forward_and_are_scored(caffe, tmp_path, tiny_set, weights):

@@ -14,23 +14,12 @@ An existing --out is kept unless --force. See docs/onnx.md.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redseg import cli  # noqa: E402
-
-
-def three_numbers(text: str) -> list[float]:
-    try:
-        mean = [float(v) for v in text.split(",")]
-    except ValueError:
-        mean = []
-    if len(mean) != 3:
-        raise argparse.ArgumentTypeError(f"--mean-bgr must be three numbers B,G,R, got {text!r}")
-    return mean
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deploy", type=Path, help="deploy prototxt (default prototxt/deploy.prototxt)")
     mean = ap.add_mutually_exclusive_group()
     mean.add_argument("--data", type=Path, help="prepared set whose training mean to store (its meta.json)")
-    mean.add_argument("--mean-bgr", type=three_numbers, help="B,G,R input mean to store")
+    mean.add_argument("--mean-bgr", type=cli.mean_bgr, help="B,G,R input mean to store")
     ap.add_argument("--force", action="store_true", help="overwrite an existing --out")
     ap.add_argument("--no-verify", action="store_true", help="skip the comparison with pycaffe before writing")
     args = cli.parse(ap, argv)

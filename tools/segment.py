@@ -30,16 +30,6 @@ from redseg import cli  # noqa: E402
 from redseg import config as C  # noqa: E402
 
 
-def three_numbers(text: str) -> list[float]:
-    try:
-        mean = [float(v) for v in text.split(",")]
-    except ValueError:
-        mean = []
-    if len(mean) != 3:
-        raise argparse.ArgumentTypeError(f"--mean-bgr must be three numbers B,G,R, got {text!r}")
-    return mean
-
-
 def thresholds(text: str) -> dict[str, float]:
     """``0.4`` (every lesion) or ``MA=0.4,HE=0.5``; each in [0, 1]."""
     out: dict[str, float] = {}
@@ -80,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("--onnx", type=Path, help="exported model (tools/export_onnx.py; needs only onnxruntime)")
     ap.add_argument("--out", type=Path, default=Path("runs/segment"), help="output folder (default runs/segment)")
     ap.add_argument("--data", type=Path, help="the prepared set the model was trained on: its mean and FOV diameter")
-    ap.add_argument("--mean-bgr", type=three_numbers, help="B,G,R input mean (default: the model's, else --data's)")
+    ap.add_argument("--mean-bgr", type=cli.mean_bgr, help="B,G,R input mean (default: the model's, else --data's)")
     ap.add_argument(
         "--fov-diameter", type=positive, help="training FOV diameter in pixels (default: --data's, else the model's)"
     )
