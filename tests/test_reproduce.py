@@ -147,6 +147,8 @@ def test_figures_are_written(reproduced):
     assert len(sides) == 2 * 8  # two test images (3 asked, 2 exist) x 8 maps
     rows = (reproduced / "stage1" / "stage1_test_log.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["0", "5", "10"]
+    assert (reproduced / "two_stage" / "stage2_test_log.csv").is_file()
+    assert not (reproduced / "ma_conv2-5" / "stage1_test_log.csv").exists()  # Fig. 6 needs the main model only
 
 
 def test_second_run_skips_finished_and_resumes_interrupted(reproduced):
