@@ -23,7 +23,9 @@ measures, for given weights and images:
 
 Stage 1's lambda is held at a given value (by default the end of the staircase, 0.0104, where the
 stage-1 model was last trained). Nothing here trains: the nets are built from redseg.net with the
-prepared set's train list and the weights copied in.
+prepared set's train list and the weights copied in. :func:`map_stats` and :func:`pred_map_stats`
+follow the symptom through a stage-2 run: the mean test-time probability on lesion and on background
+pixels (a map being erased has both fall towards 0).
 """
 
 from __future__ import annotations
@@ -367,39 +369,63 @@ def ratios(s1: dict, s2: dict) -> dict:
     return dict(groups=groups, layers=layers)
 
 
+def _pooled_map_stats(pairs) -> dict:
+    """Pooled over ``(lesion, probability map, 0/1 mask)`` triples: per lesion, the mean probability on
+    lesion and on background pixels and the shares of each at or above 0.5."""
+    sums = {les: dict(pos=0.0, neg=0.0, n_pos=0, n_neg=0, above_half_neg=0, above_half_pos=0) for les in C.LESIONS}
+    for les, prob, mask in pairs:
+        p = np.asarray(prob, dtype=np.float64)
+        pos = np.asarray(mask) > 0
+        acc = sums[les]
+        acc["pos"] += float(p[pos].sum())
+        acc["neg"] += float(p[~pos].sum())
+        acc["n_pos"] += int(pos.sum())
+        acc["n_neg"] += int((~pos).sum())
+        acc["above_half_pos"] += int((p[pos] >= 0.5).sum())
+        acc["above_half_neg"] += int((p[~pos] >= 0.5).sum())
+    return {
+        les: dict(
+            mean_p_pos=a["pos"] / a["n_pos"] if a["n_pos"] else None,
+            mean_p_neg=a["neg"] / a["n_neg"] if a["n_neg"] else None,
+            share_pos_above_half=a["above_half_pos"] / a["n_pos"] if a["n_pos"] else None,
+            share_neg_above_half=a["above_half_neg"] / a["n_neg"] if a["n_neg"] else None,
+        )
+        for les, a in sums.items()
+    }
+
+
 def map_stats(weights: str | Path, data: str | Path, split: str = "test", deploy: str | Path | None = None) -> dict:
     """Mean test-time probability on lesion and on background pixels, per lesion, over a split.
 
     The symptom docs/stage2_lr.md follows through stage 2: a map that is being erased has its mean
     probability on positives fall towards that on negatives. Pooled over the images of ``split``
-    (the prepared set's masks, at the prepared size).
+    (the prepared set's masks, at the prepared size), from the deploy net's maps.
     """
     from redseg.inference import DEPLOY, Segmenter
 
     seg = Segmenter(weights, mean_bgr(data), deploy or DEPLOY)
-    sums = {les: dict(pos=0.0, neg=0.0, n_pos=0, n_neg=0, above_half_neg=0, above_half_pos=0) for les in C.LESIONS}
-    for s in read_list(list_path(data, split)):
-        img, ma, he = load_sample(s)
-        probs = seg(img)
-        for les, mask in (("MA", ma), ("HE", he)):
-            p = probs[les].astype(np.float64)
-            pos = mask > 0
-            acc = sums[les]
-            acc["pos"] += float(p[pos].sum())
-            acc["neg"] += float(p[~pos].sum())
-            acc["n_pos"] += int(pos.sum())
-            acc["n_neg"] += int((~pos).sum())
-            acc["above_half_pos"] += int((p[pos] >= 0.5).sum())
-            acc["above_half_neg"] += int((p[~pos] >= 0.5).sum())
-    return {
-        les: dict(
-            mean_p_pos=a["pos"] / a["n_pos"] if a["n_pos"] else None,
-            mean_p_neg=a["neg"] / a["n_neg"],
-            share_pos_above_half=a["above_half_pos"] / a["n_pos"] if a["n_pos"] else None,
-            share_neg_above_half=a["above_half_neg"] / a["n_neg"],
-        )
-        for les, a in sums.items()
-    }
+
+    def pairs():
+        for s in read_list(list_path(data, split)):
+            img, ma, he = load_sample(s)
+            probs = seg(img)
+            yield from (("MA", probs["MA"], ma), ("HE", probs["HE"], he))
+
+    return _pooled_map_stats(pairs())
+
+
+def pred_map_stats(pred: str | Path, data: str | Path, split: str = "test") -> dict:
+    """:func:`map_stats` from the 8-bit maps tools/test_net.py wrote (``<pred>/<image>_<ma|he>.png``,
+    probability x 255, at the prepared size), so a scored model needs no second forward pass."""
+    from redseg.evaluation import prediction_path, read_prediction
+    from redseg.prepared_set import read_mask
+
+    def pairs():
+        for s in read_list(list_path(data, split)):
+            for les, mask_path in (("MA", s.ma), ("HE", s.he)):
+                yield les, read_prediction(prediction_path(Path(pred), s.name, les)) / 255.0, read_mask(mask_path)
+
+    return _pooled_map_stats(pairs())
 
 
 def format_report(result: dict) -> str:

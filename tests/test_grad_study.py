@@ -136,3 +136,24 @@ def test_tool_writes_the_json(caffe, study_set, weights, tmp_path, capsys):
     assert set(got["test_maps"]) == {"MA", "HE"}
     assert "| total |" in capsys.readouterr().out
     assert tool.main(["--weights", str(tmp_path / "missing.caffemodel"), "--data", str(study_set), "-q"]) == 1
+
+
+def test_pred_map_stats_reads_what_test_net_writes(caffe, study_set, weights, tmp_path):
+    """The 8-bit maps of tools/test_net.py give the deploy net's mean probabilities to within 1/255."""
+    import importlib.util
+
+    from conftest import REPO
+
+    from redseg.grad_study import map_stats, pred_map_stats
+
+    spec = importlib.util.spec_from_file_location("test_net_tool", REPO / "tools" / "test_net.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "test"
+    assert tool.main(["--weights", str(weights), "--data", str(study_set), "--out", str(out), "--no-eval", "-q"]) == 0
+    direct = map_stats(weights, study_set)
+    from_pred = pred_map_stats(out / "pred", study_set)
+    for les in ("MA", "HE"):
+        for key in ("mean_p_pos", "mean_p_neg"):
+            assert from_pred[les][key] == pytest.approx(direct[les][key], abs=0.5 / 255 + 1e-6)
+        assert 0 < direct[les]["mean_p_neg"] < 1
