@@ -193,6 +193,9 @@ def run_experiment(exp: Experiment, s: Settings, gpu: int | None, bar=None) -> O
     t0 = time.monotonic()
     total = iterations(exp, s.schedule)
     log_csv = folder / f"stage{exp.stage}_log.csv"
+    if bar is not None:  # the bar was drawn at the start: its clock (and so its ETA) starts now
+        bar.reset(total=total)
+        bar.initial = bar.n = _last_iteration(log_csv)  # a resumed stage: its rate counts from here
     for step, argv in commands(exp, s, gpu):
         t_step = time.monotonic()
         with (folder / f"{step}.log").open("a") as logf:
