@@ -214,3 +214,21 @@ def test_topk_fov_option_needs_its_bottom(caffe, tmp_path):
     path.write_text(text)
     with pytest.raises(Exception, match="needs 3 bottoms"):
         caffe.Net(str(path), caffe.TRAIN)
+
+
+def test_fnfp_gradient_has_no_subnormals(caffe, tmp_path):
+    """Logits past about -44 make p^2 (1 - p) underflow below float32's smallest normal number: the
+    layer writes zero there (subnormals slow every multiply of Caffe's backward pass on x86), and
+    the normal gradients stay those of the float64 oracle."""
+    net, _ = make_net(caffe, tmp_path, "FNFPLoss", shape=(1, 4, 8))
+    x = np.linspace(-95, 5, 32, dtype=np.float32).reshape(1, 1, 4, 8)
+    y = np.zeros_like(x)
+    y[0, 0, -1, -1] = 1
+    _, grad = run(net, x, y)
+    tiny = np.finfo(np.float32).tiny
+    assert not np.any((grad != 0) & (np.abs(grad) < tiny))
+    _, ref = reference_fnfp(x, y)
+    normal = np.abs(ref) >= tiny
+    assert normal.sum() > 8 and not normal.all()  # both kinds present
+    np.testing.assert_allclose(grad[normal], ref[normal], rtol=1e-4)
+    assert np.all(grad[~normal] == 0)
