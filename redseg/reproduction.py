@@ -188,6 +188,26 @@ def _figure(result: dict, key: str, fname: str, title: str) -> str:
     return f"(not drawn: {result['notes'].get(key, '')})"
 
 
+def _collapsed_note(entries: dict) -> list[str]:
+    """A map with no lesion above any threshold (AP about the lesion share) still gets AUC_PR of
+    about 0.5 from the protocol, whose curve starts at (R = 0, P = 1): say so where it happens."""
+    rows = [
+        f"{e['title']} ({les})"
+        for e in entries.values()
+        for les, m in e.get("metrics", {}).items()
+        if m.get("ap") is not None and m["ap"] < 0.05 and (m.get("auc_pr") or 0) > 0.4
+    ]
+    if not rows:
+        return []
+    return [
+        f"Collapsed maps: {', '.join(rows)}. These maps mark (almost) no pixel as lesion at any",
+        "threshold: AP is about the lesion share, P at break-even about the same with R = 1. Their",
+        "AUC_PR of about 0.5 comes from the protocol's curve, which starts at (R = 0, P = 1) and so",
+        "gets (1 + P) / 2 from a single point (docs/evaluation.md); it is no sign of skill.",
+        "",
+    ]
+
+
 def render(result: dict) -> str:
     st, env, entries = result["settings"], result["environment"], result["experiments"]
     synthetic = st["synthetic"]
@@ -256,6 +276,7 @@ def render(result: dict) -> str:
         "",
         all_numbers_table(entries),
         "",
+        *_collapsed_note(entries),
         "## Experiments",
         "",
         experiments_table(entries),
