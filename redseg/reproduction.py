@@ -258,9 +258,7 @@ def render(result: dict) -> str:
         "",
         "## Figure 6: loss on the training and the test set",
         "",
-        f"![Figure 6]({FIG6})"
-        if result["figures"].get("fig6")
-        else "(not drawn: " + result["notes"].get("fig6", "") + ")",
+        _figure(result, "fig6", FIG6, "Figure 6"),
         "",
         "Training loss: every iteration (faint) and its running mean; test loss: the train net's",
         "losses averaged over the test images every `test_interval` iterations. The loss changes",
@@ -268,9 +266,7 @@ def render(result: dict) -> str:
         "",
         "## Figure 7: side outputs and fused output",
         "",
-        f"![Figure 7]({FIG7})"
-        if result["figures"].get("fig7")
-        else "(not drawn: " + result["notes"].get("fig7", "") + ")",
+        _figure(result, "fig7", FIG7, "Figure 7"),
         "",
         "## All numbers",
         "",
