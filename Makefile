@@ -32,7 +32,7 @@ help:
 	@echo "make stage1 stage2 [SCHEDULE=paper|demo|smoke] [GPU=0] [DATA=...] [RUN=...] [ITERS=N] [LR=x]"
 	@echo "make evaluate [IDRID=/path]  maps + metrics of $(WEIGHTS) -> $(RUN)/test (full-size labels with IDRID)"
 	@echo "make onnx [WEIGHTS=...] [FORCE=1]  export a trained model to ONNX -> $(ONNX) (docs/onnx.md)"
-	@echo "make prototxt   regenerate prototxt/ from redseg/net.py"
+	@echo "make prototxt   regenerate prototxt/ from redseg/model/net.py"
 	@echo "make benchmark  [SIZE=712x1072] [GPU=0] timings -> runs/benchmark/ (docs/performance.md)"
 	@echo "make benchmark-onnx [SIZE=712x1072]  one photograph through pycaffe and ONNX Runtime (CPU)"
 	@echo "make lint       ruff"

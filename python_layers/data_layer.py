@@ -11,7 +11,7 @@ into the top blob and two label copies (about 1 ms at 1072x712; docs/performance
 
 param_str (JSON): ``list`` (path of the list file; required), ``shuffle`` (true), ``seed`` (1),
 ``cache`` (true), ``mean`` (optional [B, G, R] overriding meta.json), ``fov`` (false; true adds a
-fourth top ``fov``, 1x1xHxW, 1 inside the image's circular field of view (redseg.fov) and 0 in the
+fourth top ``fov``, 1x1xHxW, 1 inside the image's circular field of view (redseg.data.fov) and 0 in the
 black surround, for the Top-k loss's ``negatives: "fov"`` option; docs/method.md#counting-negatives).
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import caffe
 import numpy as np
 
-from redseg.prepared_set import load_sample, mean_bgr, read_list
+from redseg.data.prepared_set import load_sample, mean_bgr, read_list
 
 DEFAULTS = dict(list=None, shuffle=True, seed=1, cache=True, mean=None, fov=False)
 
@@ -69,7 +69,7 @@ class RedSegData(caffe.Layer):
         # source makes the per-iteration subtraction about 3x faster than from a strided view.
         sample = (np.ascontiguousarray(img.transpose(2, 0, 1)), ma, he)
         if self.fov:
-            from redseg.fov import fov_mask
+            from redseg.data.fov import fov_mask
 
             sample += (fov_mask(img, str(self.samples[i].image)).view(np.uint8),)
         if self.cache is not None:
@@ -106,7 +106,7 @@ class RedSegData(caffe.Layer):
 
     def forward(self, bottom, top):
         chw, ma, he = self.current[:3]
-        # BGR minus the per-channel mean (as redseg.prepared_set.image_blob), straight into the top blob.
+        # BGR minus the per-channel mean (as redseg.data.prepared_set.image_blob), straight into the top blob.
         np.subtract(chw, self.mean.reshape(3, 1, 1), out=top[0].data[0], dtype=np.float32)
         top[1].data[0, 0] = ma
         top[2].data[0, 0] = he

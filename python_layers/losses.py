@@ -9,7 +9,7 @@ is what makes the paper's learning rates 1e-8 / 1e-9 sensible). ``param_str`` is
   ``L1 = -beta * sum_{y=1} log p - (1 - beta) * sum_{top-k negatives} log(1 - p)``,
   ``beta = k / (k + N+)``, where the top-k negatives are the k = ceil(lambda(r) * N-) negatives
   with the largest loss -log(1 - p) and lambda(r) follows the paper's staircase schedule
-  (:func:`redseg.topk_schedule.topk_lambda`). beta is a constant in the gradient.
+  (:func:`redseg.model.topk_schedule.topk_lambda`). beta is a constant in the gradient.
 * :class:`FNFPLoss`, stage 2: ``L2 = sum y (1-p)^2 + sum (1-y) p^2 = sum (y - p)^2``.
 
 Numerically stable for any logit: -log p = softplus(-x), -log(1-p) = softplus(x), computed as
@@ -23,7 +23,7 @@ candidate set, see :func:`hardest_negatives`) instead of sorting or partitioning
 evaluates softplus and sigmoid only on the pixels that carry a loss (positives and the selected
 negatives, ~15 % of the image), and scatters its gradient into a zeroed diff. The FN+FP layer
 works in place in preallocated float32 buffers. What is computed is exactly the formula above;
-tests/test_loss_speed_equivalence.py checks it against the float64 oracle redseg/reference_losses.py.
+tests/model/test_loss_speed_equivalence.py checks it against the float64 oracle redseg/model/reference_losses.py.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import caffe
 import numpy as np
 
 from redseg import config as C
-from redseg.topk_schedule import kept_negatives, topk_lambda
+from redseg.model.topk_schedule import kept_negatives, topk_lambda
 
 log = logging.getLogger(__name__)
 

@@ -71,7 +71,7 @@ class StageSchedule:
 @dataclass(frozen=True)
 class TrainingSchedule:
     """A training run's schedule: both stages' solver settings, and the period S of the Top-k lambda
-    staircase in stage 1 (the staircase itself: redseg/topk_schedule.py)."""
+    staircase in stage 1 (the staircase itself: redseg/model/topk_schedule.py)."""
 
     name: str
     stage1: StageSchedule
@@ -171,8 +171,8 @@ PAPER_COMPARISON_AUC_PR = {
 # [derived, not measured on IDRiD] The field-of-view (FOV) diameter of IDRiD's training images at a
 # quarter of full size (1072x712), in pixels: what a photograph's FOV is rescaled to when neither
 # the model (its sidecar / ONNX metadata) nor --data says otherwise. IDRiD itself is not available
-# here, so this is the median that redseg.fov measures on the 54 training images of the synthetic
-# generator (redseg/synthetic.py, drawn at 1072x712 with the fundus radius 0.405-0.425 of the
+# here, so this is the median that redseg.data.fov measures on the 54 training images of the synthetic
+# generator (redseg/data/synthetic.py, drawn at 1072x712 with the fundus radius 0.405-0.425 of the
 # width after IDRiD's "~3500 of 4288 px" disc): 888.1 px (871-911), i.e. 0.83 of the width. A
 # prepared IDRiD set measures the real value into its meta.json (fov_diameter_px), which wins.
 IDRID_QUARTER_FOV_DIAMETER_PX = 888.1

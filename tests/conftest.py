@@ -13,11 +13,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("GLOG_minloglevel", "2")
 
-from redseg import blas  # noqa: E402
+from redseg.toolchain import blas  # noqa: E402
 
 blas.configure()  # before any test module imports Caffe (OpenBLAS picks its kernels when it loads)
 
-from redseg.caffe_utils import import_caffe  # noqa: E402
+from redseg.toolchain.caffe_utils import import_caffe  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +81,7 @@ def save_random_model(path: Path, seed: int = 0, deploy: Path | None = None, std
     seeded Gaussian weights and biases in every learnable layer (the bilinear upsampling stays)."""
     import numpy as np
 
-    from redseg.caffe_utils import load_net
+    from redseg.toolchain.caffe_utils import load_net
 
     net = load_net(deploy or REPO / "prototxt" / "deploy.prototxt")
     rng = np.random.default_rng(seed)

@@ -3,10 +3,10 @@
 
     python tools/benchmark.py [--size 712x1072] [--gpu N] [--json OUT] [--repeats 3]
 
-Builds the stage-1 and stage-2 train nets and the deploy net from redseg/net.py, on synthetic
+Builds the stage-1 and stage-2 train nets and the deploy net from redseg/model/net.py, on synthetic
 images it makes in a temporary folder (no IDRiD or VGG16 weights needed), and measures: one
 training iteration per stage (with a per-layer breakdown, like `caffe time`), the 8 Python loss
-layers' forward + backward (and the float64 reference losses of redseg/reference_losses.py on the
+layers' forward + backward (and the float64 reference losses of redseg/model/reference_losses.py on the
 same inputs, with the speed-up), the data layer per iteration, one deploy forward pass, scoring
 27 test images, and the peak resident memory. Prints a table; writes JSON (default
 runs/benchmark/benchmark_<H>x<W>_<cpu|gpuN>.json). See docs/performance.md.
@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redseg import cli  # noqa: E402
-from redseg.benchmark import (  # noqa: E402
+from redseg.experiments.benchmark import (  # noqa: E402
     TARGET_SIZE,
     BenchConfig,
     format_onnx_report,

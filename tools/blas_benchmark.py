@@ -4,8 +4,8 @@
     python tools/blas_benchmark.py [--size 178x268] [--rounds 5] [--cores Prescott,Haswell,SkylakeX]
 
 OpenBLAS picks its kernels once, when it loads, so every measurement is a child process started
-with OPENBLAS_CORETYPE set to the core under test (redseg.blas keeps a value set like this). Each
-child builds the deploy net from redseg/net.py with the same random weights and image, runs one
+with OPENBLAS_CORETYPE set to the core under test (redseg.toolchain.blas keeps a value set like this). Each
+child builds the deploy net from redseg/model/net.py with the same random weights and image, runs one
 untimed forward + backward pass, then times --passes of them and saves the probability maps; the
 parent compares the maps with the first core's. The cores are interleaved, one child per core per
 round, in a rotating order, so that load from other users of the machine spreads over all of them.
@@ -28,17 +28,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from redseg import blas, cli  # noqa: E402
+from redseg import cli  # noqa: E402
+from redseg.toolchain import blas  # noqa: E402
 
 SEED = 7
 
 
 def child_deploy(size: tuple[int, int], passes: int, maps: Path) -> dict:
     """In a fresh process: forward + backward of the deploy net at ``size`` (H, W), ``passes`` times."""
-    from redseg.caffe_utils import import_caffe
+    from redseg.toolchain.caffe_utils import import_caffe
 
     caffe = import_caffe()
-    from redseg.net import NetOptions, redseg
+    from redseg.model.net import NetOptions, redseg
 
     caffe.set_mode_cpu()
     caffe.set_random_seed(SEED)

@@ -16,8 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redseg import cli  # noqa: E402
-from redseg.evaluation import INTERPOLATIONS, evaluate  # noqa: E402
-from redseg.report import summary_table  # noqa: E402
+from redseg.evaluation.report import summary_table  # noqa: E402
+from redseg.evaluation.scoring import INTERPOLATIONS, evaluate  # noqa: E402
 
 
 def default_out(pred: Path) -> Path:

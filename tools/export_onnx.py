@@ -4,7 +4,7 @@
   python tools/export_onnx.py --weights runs/idrid/stage2_final.caffemodel --out runs/idrid/redseg.onnx
 
 Converts the deploy net (default prototxt/deploy.prototxt; a fusion variant with --deploy
-prototxt/ablations/deploy_ma_conv2-5.prototxt) layer by layer (redseg/onnx_export.py): input
+prototxt/ablations/deploy_ma_conv2-5.prototxt) layer by layer (redseg/deploy/onnx_export.py): input
 `data` float32 1x3xHxW (BGR minus the training mean) of any height and width, outputs `prob_ma`
 and `prob_he`. The model's metadata records the mean (from the weights' sidecar <weights>.json,
 --data or --mean-bgr), the FOV diameter and thresholds of the sidecar, and the fusion stages.
@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    from redseg.onnx_export import export
-    from redseg.prepared_set import mean_bgr
+    from redseg.data.prepared_set import mean_bgr
+    from redseg.deploy.onnx_export import export
 
     mean = args.mean_bgr
     if args.data is not None:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from redseg import cli, vgg16  # noqa: E402
+from redseg import cli  # noqa: E402
+from redseg.model import vgg16  # noqa: E402
 
 DEFAULT_OUT = Path("models/vgg16") / vgg16.CAFFE_NAME
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write every net and solver prototxt from redseg/net.py (`make prototxt`)."""
+"""Write every net and solver prototxt from redseg/model/net.py (`make prototxt`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redseg import cli  # noqa: E402
-from redseg.net import generate  # noqa: E402
+from redseg.model.net import generate  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

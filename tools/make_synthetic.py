@@ -5,7 +5,7 @@ The images stand in for IDRiD (paper section 3.1), which cannot be shipped: same
 names (``A. Segmentation/1. Original Images/...``, ``2. All Segmentation Groundtruths/...``),
 JPEG photographs ``IDRiD_NN.jpg`` and colour TIFF masks ``IDRiD_NN_{MA,HE,EX,OD}.tif``; about 20 %
 of the images have no haemorrhage and no ``_HE.tif`` (IDRiD: a missing mask means no lesion).
-Feed the result to ``tools/prepare_idrid.py`` like the real archive. See redseg/synthetic.py.
+Feed the result to ``tools/prepare_idrid.py`` like the real archive. See redseg/data/synthetic.py.
 
     python tools/make_synthetic.py --out data/synthetic_idrid            # 54 + 27 at 712x1072 (HxW)
     python tools/make_synthetic.py --out /tmp/s --size 178x268 --n-train 4 --n-test 2 --seed 3
@@ -25,14 +25,14 @@ import cv2  # noqa: E402
 
 from redseg import cli  # noqa: E402
 from redseg.config import IDRID_IMAGES_DIR, IDRID_SEG_DIR, IDRID_SPLIT_DIRS, TEST_IDS, TRAIN_IDS  # noqa: E402
-from redseg.fileio import write_image  # noqa: E402
-from redseg.synthetic import (  # noqa: E402
+from redseg.data.synthetic import (  # noqa: E402
     DEFAULT_MA_RADIUS_AT_REF,
     REFERENCE_WIDTH,
     SyntheticParams,
     generate_idrid_tree,
     preview,
 )
+from redseg.fileio import write_image  # noqa: E402
 
 
 def _pair(kind):

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redseg import cli  # noqa: E402
 from redseg.config import DOWNSAMPLE  # noqa: E402
-from redseg.idrid import DEFAULT_LESIONS, prepare  # noqa: E402
-from redseg.prepared_set import MASK_RULES  # noqa: E402
+from redseg.data.idrid import DEFAULT_LESIONS, prepare  # noqa: E402
+from redseg.data.prepared_set import MASK_RULES  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redseg import cli  # noqa: E402
 from redseg import config as C  # noqa: E402
-from redseg.reproduce import EXPERIMENTS  # noqa: E402
+from redseg.experiments.reproduce import EXPERIMENTS  # noqa: E402
 
 DEFAULT_VGG16 = Path("models/vgg16/VGG_ILSVRC_16_layers.caffemodel")
 # The synthetic set per schedule: (HxW of the photographs, (train, test) counts). The demo's is
@@ -110,9 +110,9 @@ def prepare_data(args, gt: Path, data: dict[str, Path]) -> None:
 def environment(gpus: list[int]) -> dict:
     from pathlib import Path as _P
 
-    from redseg import blas
-    from redseg.benchmark import machine_info
-    from redseg.caffe_utils import import_caffe
+    from redseg.experiments.benchmark import machine_info
+    from redseg.toolchain import blas
+    from redseg.toolchain.caffe_utils import import_caffe
 
     caffe = import_caffe()
     info = machine_info(None)
@@ -129,8 +129,8 @@ def environment(gpus: list[int]) -> dict:
 
 
 def run(args) -> int:
-    from redseg.reproduce import Settings, check_settings, run_all, save_settings
-    from redseg.reproduction import assemble
+    from redseg.experiments.reproduce import Settings, check_settings, run_all, save_settings
+    from redseg.experiments.reproduction import assemble
 
     t0 = time.monotonic()
     args.run = args.run.resolve()

@@ -9,7 +9,7 @@ Each photograph's circular field of view (FOV) is found, cropped and rescaled so
 matches the training images' (the model's sidecar <weights>.json or ONNX metadata, --data, or
 IDRiD's at a quarter size), the net runs once, and the maps come back at the photograph's own
 pixels. Written to --out: <name>_ma.png / <name>_he.png (8-bit probability maps, 0 outside the
-FOV), <name>_overlay.png (redseg.report's overlay), thumbs/<name>.jpg, and the screening summary
+FOV), <name>_overlay.png (redseg.evaluation.report's overlay), thumbs/<name>.jpg, and the screening summary
 summary.csv, summary.json and index.html: lesion counts (connected components of at least
 --min-size pixels at the network's scale), HE area, counts per image-oriented quadrant, the
 threshold of each lesion and its source. An unreadable or non-fundus file is listed with its
@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _caffe_model(args, mean):
     """A Caffe Segmenter and its sidecar (imports Caffe: only for --weights)."""
-    from redseg.caffe_utils import CaffeInputError, set_mode
-    from redseg.inference import DEPLOY, Segmenter
-    from redseg.model_info import read_model_info, sidecar_path
+    from redseg.deploy.inference import DEPLOY, Segmenter
+    from redseg.deploy.model_info import read_model_info, sidecar_path
+    from redseg.toolchain.caffe_utils import CaffeInputError, set_mode
 
     if not args.weights.is_file():
         raise CaffeInputError(f"weights file not found: {args.weights}")
@@ -116,7 +116,7 @@ def _caffe_model(args, mean):
 
 def _onnx_model(args, mean):
     """An ONNX Runtime segmenter and its metadata (never imports Caffe)."""
-    from redseg.inference import OnnxSegmenter
+    from redseg.deploy.inference import OnnxSegmenter
 
     if args.gpu is not None:
         logging.warning("--gpu is for --weights; ONNX Runtime picks CUDA itself when onnxruntime-gpu is installed")
@@ -126,8 +126,8 @@ def _onnx_model(args, mean):
 
 
 def run(args) -> int:
-    from redseg import screening
-    from redseg.prepared_set import fov_diameter, mean_bgr
+    from redseg.data.prepared_set import fov_diameter, mean_bgr
+    from redseg.deploy import screening
 
     inputs = screening.list_inputs(args.inputs)
     if not inputs:

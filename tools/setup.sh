@@ -8,7 +8,7 @@
 #        Debian's source package caffe 1.0.0+git20180821.99bd997-8, through this machine's Debian
 #                    archive or DEBIAN_MIRROR (Debian carries it in bullseye only);
 #        the upstream repository's tarball at a pinned commit, checked against a pinned digest;
-#      patched by the project's own patch set (redseg/caffe_source.py) and built with the Python
+#      patched by the project's own patch set (redseg/toolchain/caffe_source.py) and built with the Python
 #      layer into a cache OUTSIDE the repository, keyed by source + patch set + build options +
 #      Python version;
 #   3. a .pth file so that `import caffe` and the project's own modules work inside .venv.
@@ -113,7 +113,7 @@ debian_uri() {
 }
 
 # The project's source helper (standard library only): digests, unpacking, download, patches.
-srcpy() { PYTHONPATH="$REPO" "$VENV/bin/python" -m redseg.caffe_source "$@"; }
+srcpy() { PYTHONPATH="$REPO" "$VENV/bin/python" -m redseg.toolchain.caffe_source "$@"; }
 
 # Each fetch_* puts a Caffe tree at $2 or returns non-zero with the reason in FETCH_ERROR.
 fetch_debian() { # $1 = build dir, $2 = where the tree goes
@@ -218,10 +218,10 @@ build_caffe() {
     [ -x "$CUDA_ROOT/bin/nvcc" ] || die "no nvcc at $CUDA_ROOT/bin/nvcc"
   fi
   variant=$(caffe_variant)
-  patchset=$(srcpy patchset) || die "redseg/caffe_source.py does not run under $VENV/bin/python"
+  patchset=$(srcpy patchset) || die "redseg/toolchain/caffe_source.py does not run under $VENV/bin/python"
   suffix="p$patchset-$variant-py$pyver"
   local upstream_label
-  upstream_label="bvlc-$(PYTHONPATH="$REPO" "$VENV/bin/python" -c 'from redseg.caffe_source import UPSTREAM_COMMIT as c; print(c[:7])')"
+  upstream_label="bvlc-$(PYTHONPATH="$REPO" "$VENV/bin/python" -c 'from redseg.toolchain.caffe_source import UPSTREAM_COMMIT as c; print(c[:7])')"
   local candidates=()
   if [ -n "${CAFFE_SRC:-}" ]; then
     label=$(srcpy key "$CAFFE_SRC" 2>&1) || die "${label#setup: ERROR: }"
@@ -323,8 +323,8 @@ import caffe
 assert "Python" in caffe.layer_type_list(), "this Caffe was built without the Python layer"
 print("setup: import caffe OK (%s)" % caffe.__file__)' ||
     die "import caffe fails inside $VENV (see the error above)"
-  # The OpenBLAS core for this CPU, checked against numpy; applied before every Caffe import (redseg/blas.py)
-  "$VENV/bin/python" -m redseg.blas --setup || log "BLAS check failed: Caffe keeps OpenBLAS's default kernels"
+  # The OpenBLAS core for this CPU, checked against numpy; applied before every Caffe import (redseg/toolchain/blas.py)
+  "$VENV/bin/python" -m redseg.toolchain.blas --setup || log "BLAS check failed: Caffe keeps OpenBLAS's default kernels"
 }
 
 main() {

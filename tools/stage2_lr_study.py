@@ -10,7 +10,7 @@ of every parameter's gradient (all losses, and each branch's losses alone), per 
 branch, HE branch) and in total, the relative size of one SGD step at each stage's learning rate
 (--schedule, or --lr1/--lr2), and, at each branch's fused logit, the mean probability on lesion and
 background pixels and where the gradients come from. --maps adds the mean test-time probability on
-the test split's lesion and background pixels. See redseg/grad_study.py and docs/stage2_lr.md.
+the test split's lesion and background pixels. See redseg/training/grad_study.py and docs/stage2_lr.md.
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    from redseg.benchmark import machine_info
-    from redseg.caffe_utils import CaffeInputError, set_mode
-    from redseg.grad_study import FINAL_LAMBDA, format_report, map_stats, measure
-    from redseg.prepared_set import read_meta
+    from redseg.data.prepared_set import read_meta
+    from redseg.experiments.benchmark import machine_info
+    from redseg.toolchain.caffe_utils import CaffeInputError, set_mode
+    from redseg.training.grad_study import FINAL_LAMBDA, format_report, map_stats, measure
 
     if not args.weights.is_file():
         raise CaffeInputError(f"weights file not found: {args.weights}")

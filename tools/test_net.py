@@ -9,7 +9,7 @@ overlays. With --gt pointing at the official IDRiD folder the full-size labels a
 authors' protocol resizes the maps to the label size); --full-size also saves the maps upsampled
 to the original resolution. After scoring, <weights>.json beside the weights records the input
 mean, the training FOV diameter and each lesion's break-even threshold for tools/segment.py and
-tools/export_onnx.py (redseg/model_info.py).
+tools/export_onnx.py (redseg/deploy/model_info.py).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redseg import cli  # noqa: E402
-from redseg.caffe_utils import CaffeInputError  # noqa: E402
-from redseg.evaluation import evaluate  # noqa: E402
-from redseg.prepared_set import list_path, mean_bgr, read_image, read_list, read_meta  # noqa: E402
-from redseg.report import summary_table  # noqa: E402
+from redseg.data.prepared_set import list_path, mean_bgr, read_image, read_list, read_meta  # noqa: E402
+from redseg.evaluation.report import summary_table  # noqa: E402
+from redseg.evaluation.scoring import evaluate  # noqa: E402
+from redseg.toolchain.caffe_utils import CaffeInputError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,9 +54,9 @@ def run(args, out: Path) -> int:
     import cv2
     from tqdm import tqdm
 
-    from redseg.caffe_utils import set_mode
+    from redseg.deploy.inference import DEPLOY, Segmenter, side_maps, to_u8
     from redseg.fileio import write_image
-    from redseg.inference import DEPLOY, Segmenter, side_maps, to_u8
+    from redseg.toolchain.caffe_utils import set_mode
 
     if not args.weights.is_file():
         raise CaffeInputError(f"weights file not found: {args.weights}")
@@ -94,9 +94,9 @@ def run(args, out: Path) -> int:
 
 def write_sidecar(args, result: dict, metrics_json: Path) -> None:
     """<weights>.json: the mean, the training FOV diameter and the break-even thresholds that
-    tools/segment.py and the ONNX export read (redseg/model_info.py); a warning if it cannot be written."""
-    from redseg.model_info import from_evaluation, write_model_info
-    from redseg.prepared_set import fov_diameter
+    tools/segment.py and the ONNX export read (redseg/deploy/model_info.py); a warning if it cannot be written."""
+    from redseg.data.prepared_set import fov_diameter
+    from redseg.deploy.model_info import from_evaluation, write_model_info
 
     info = from_evaluation(result, mean_bgr(args.data), fov_diameter(args.data), metrics_json)
     try:

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    from redseg.train import StageRun, train_stage
+    from redseg.training.train import StageRun, train_stage
 
     weights = args.weights
     if weights is None and args.stage == 2:

@@ -259,9 +259,9 @@ def fov_summary(diameters: Sequence[float | None]) -> tuple[float | None, str]:
     the median of the measured ones (robust to an odd image), None when none was measured."""
     found = [float(d) for d in diameters if d is not None]
     if not found:
-        return None, f"no field of view found in any of {len(diameters)} training images (redseg.fov)"
+        return None, f"no field of view found in any of {len(diameters)} training images (redseg.data.fov)"
     med = float(np.median(found))
     return round(med, 2), (
         f"median over {len(found)} of {len(diameters)} training images at prepared size, before augmentation "
-        f"(redseg.fov.find_fov; range {min(found):.1f}-{max(found):.1f} px)"
+        f"(redseg.data.fov.find_fov; range {min(found):.1f}-{max(found):.1f} px)"
     )

@@ -19,7 +19,7 @@ switchable (docs/method.md#open-points-and-our-choices):
   ``fliph`` = left-right mirror ``a[:, ::-1]``; ``flipv`` = upside-down mirror ``a[::-1]``.
   rot90/rot270 samples are portrait (712x1072); the data layer takes each image at its own size;
 * the field of view's diameter (``fov_diameter_px`` in meta.json): the median over the training
-  images, downsampled, of redseg.fov's circle (tools/segment.py rescales a new photograph so that
+  images, downsampled, of redseg.data.fov's circle (tools/segment.py rescales a new photograph so that
   its field of view has this diameter);
 * the input mean (docs/method.md#input-mean: BGR minus a per-channel training mean) is the mean of
   the downsampled training images before augmentation (rotations and mirrors do not change it) over
@@ -31,7 +31,7 @@ folder itself, or a .zip of either (members are read directly, nothing is extrac
 colour TIFFs, lesion where any colour channel is non-zero; a missing mask means "no lesion of that
 kind" and becomes an all-zero mask, listed in the summary. JPEG EXIF orientation is ignored, so
 images stay aligned with their masks. ``IdridSource`` is the project's one reader of this layout:
-scoring against the official labels (redseg.evaluation) lists its test set with it too.
+scoring against the official labels (redseg.evaluation.scoring) lists its test set with it too.
 
 The output is written into ``<out>.partial-<pid>`` and renamed to ``<out>`` when done, with
 ``.complete`` written last; a complete set prepared from the same source with the same options
@@ -70,6 +70,8 @@ from redseg.config import (
     LESIONS,
     LSEG_MEAN_BGR,
 )
+from redseg.data.fov import FovError, find_fov, fov_summary
+from redseg.data.prepared_set import MASK_RULES, downsample_mask, list_path, mask_from_pixels, write_list
 from redseg.fileio import (
     COMPLETE,
     building_dir,
@@ -80,8 +82,6 @@ from redseg.fileio import (
     write_json,
     write_text,
 )
-from redseg.fov import FovError, find_fov, fov_summary
-from redseg.prepared_set import MASK_RULES, downsample_mask, list_path, mask_from_pixels, write_list
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +363,7 @@ class IdridSource:
         return self._decode(f, cv2.IMREAD_COLOR)
 
     def read_mask(self, f: _File) -> np.ndarray:
-        """Boolean mask by the project's one mask rule (redseg.prepared_set.mask_from_pixels)."""
+        """Boolean mask by the project's one mask rule (redseg.data.prepared_set.mask_from_pixels)."""
         return mask_from_pixels(self._decode(f, cv2.IMREAD_UNCHANGED))
 
     def fingerprint_files(self) -> list[list]:
@@ -547,7 +547,7 @@ def prepare(
 
 
 def _fov_diameter(small: np.ndarray, name: str) -> float | None:
-    """The field-of-view diameter of a prepared training image (redseg.fov), None with a warning if none."""
+    """The field-of-view diameter of a prepared training image (redseg.data.fov), None with a warning if none."""
     try:
         return find_fov(small, name).diameter
     except FovError as e:

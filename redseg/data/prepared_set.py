@@ -3,9 +3,9 @@
 A prepared set is a folder of PNG images and 0/255 masks with a list file per split
 (``train.txt``, ``test.txt``: ``image<TAB>MA mask<TAB>HE mask``, paths relative to the list file),
 ``meta.json`` and the completion stamp ``.complete`` (redseg.fileio), written last by
-``tools/prepare_idrid.py`` (redseg.idrid). This module owns what every reader of such a set needs,
+``tools/prepare_idrid.py`` (redseg.data.idrid). This module owns what every reader of such a set needs,
 so that the Caffe data layer, the training driver, tools/test_net.py and the scoring
-(redseg.evaluation) read it the same way and give the same clear message for a bad file:
+(redseg.evaluation.scoring) read it the same way and give the same clear message for a bad file:
 
 * the list files (:func:`read_list`, :func:`write_list`, :func:`list_path`), ``meta.json`` and the
   completion stamp (:func:`read_meta`, :func:`require_complete`);
@@ -139,13 +139,13 @@ def mean_bgr(prepared: str | os.PathLike) -> np.ndarray:
 
 
 def fov_diameter(prepared: str | os.PathLike) -> float | None:
-    """The training images' field-of-view diameter in pixels at prepared size (redseg.fov).
+    """The training images' field-of-view diameter in pixels at prepared size (redseg.data.fov).
 
     meta.json's ``fov_diameter_px`` when the set has one; for a set prepared before it was measured,
     computed now the same way, over the ``_id`` (unaugmented) training images, or over all when
     none is named so. None when no training image shows a field of view.
     """
-    from redseg.fov import FovError, find_fov, fov_summary
+    from redseg.data.fov import FovError, find_fov, fov_summary
 
     meta = read_meta(prepared)
     if "fov_diameter_px" in meta:

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from redseg import config as C
-from redseg.caffe_utils import REPO, load_net
-from redseg.prepared_set import image_blob
+from redseg.data.prepared_set import image_blob
+from redseg.toolchain.caffe_utils import REPO, load_net
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Segmenter:
 
 @dataclass(frozen=True)
 class OnnxModelInfo:
-    """What an exported model records about itself (redseg/onnx_export.py, ``metadata_props``)."""
+    """What an exported model records about itself (redseg/deploy/onnx_export.py, ``metadata_props``)."""
 
     mean_bgr: tuple[float, float, float] | None = None
     fov_diameter_px: float | None = None

@@ -3,14 +3,14 @@
 ``<weights>.json`` beside the weights (``runs/demo/stage2_final.caffemodel.json``) holds::
 
     {"mean_bgr": [b, g, r],              # the training images' input mean
-     "fov_diameter_px": 226.1 | null,    # the training images' field-of-view diameter (redseg.fov)
+     "fov_diameter_px": 226.1 | null,    # the training images' field-of-view diameter (redseg.data.fov)
      "thresholds": {"MA": t, "HE": t},   # per lesion, a probability in [0, 1]
      "threshold_rule": "...",            # how the thresholds were chosen
      "source": "runs/.../metrics.json"}  # where they come from
 
 ``tools/test_net.py`` writes it (atomically, redseg.fileio) after its evaluation: the thresholds
-are each lesion's precision-recall break-even threshold on the test set (redseg.metrics.break_even,
-``metrics.json``'s ``<lesion>.break_even.threshold``). ``tools/segment.py`` (redseg.screening)
+are each lesion's precision-recall break-even threshold on the test set (redseg.evaluation.metrics.break_even,
+``metrics.json``'s ``<lesion>.break_even.threshold``). ``tools/segment.py`` (redseg.deploy.screening)
 reads it. The ONNX exporter copies the same keys into the ONNX model's metadata, each value
 JSON-encoded (:meth:`ModelInfo.as_metadata`, :meth:`ModelInfo.from_metadata`), so a model
 segments the same way from Caffe weights and from ONNX.
@@ -33,7 +33,7 @@ KEYS = ("mean_bgr", "fov_diameter_px", "thresholds", "threshold_rule", "source")
 SUFFIX = ".json"
 BREAK_EVEN_RULE = (
     "per lesion, the precision-recall break-even threshold on the test set (the 8-bit cut v/255 where "
-    "|precision - recall| is smallest; redseg.metrics.break_even); a pixel is lesion where probability >= t"
+    "|precision - recall| is smallest; redseg.evaluation.metrics.break_even); a pixel is lesion where probability >= t"
 )
 
 
@@ -137,7 +137,7 @@ def read_model_info(weights: str | os.PathLike) -> ModelInfo | None:
 
 
 def break_even_thresholds(result: dict) -> dict[str, float]:
-    """Each lesion's break-even threshold from an evaluation result (redseg.evaluation / metrics.json);
+    """Each lesion's break-even threshold from an evaluation result (redseg.evaluation.scoring / metrics.json);
     a lesion without one (no lesion pixel in the ground truth: nan or null) is left out."""
     out = {}
     for lesion in LESIONS:

@@ -3,12 +3,12 @@
 Why: a trained model should run where Caffe does not build (Windows, a recent CUDA, a phone) and
 without our patched Caffe; ONNX Runtime runs an ONNX model on CPU and GPU from one pip package.
 No generic converter is used: the deploy nets (prototxt/deploy.prototxt and the fusion variants in
-prototxt/ablations/, all made by redseg/net.py) contain a handful of layer types, and each is
+prototxt/ablations/, all made by redseg/model/net.py) contain a handful of layer types, and each is
 translated here with Caffe's own semantics spelled out, so that the ONNX model gives the numbers
-pycaffe gives (tests/test_onnx_export.py holds both to 1e-4 at odd input sizes):
+pycaffe gives (tests/deploy/test_onnx_export.py holds both to 1e-4 at odd input sizes):
 
 * ``Input`` -> the graph input ``data``, float32 1x3xHxW (BGR minus the training mean, exactly
-  what the Caffe net takes: redseg.prepared_set.image_blob), height and width dynamic;
+  what the Caffe net takes: redseg.data.prepared_set.image_blob), height and width dynamic;
 * ``Convolution`` -> ``Conv``; ``ReLU`` -> ``Relu`` (``LeakyRelu`` for a negative slope);
   ``Concat`` -> ``Concat``; ``Sigmoid`` -> ``Sigmoid``;
 * ``Pooling`` (MAX) -> ``MaxPool`` with ``ceil_mode=1``: Caffe rounds the pooled size up,
@@ -29,10 +29,10 @@ layers, rather than exported wrongly.
 The model's ``metadata_props`` carry JSON strings (:data:`META_KEYS`): the deploy file's name, the
 fusion stages of each branch, and what a user of the model needs to reproduce the training
 preprocessing and the decision rule: ``mean_bgr`` (from the weights' sidecar ``<weights>.json``,
-a prepared set's meta.json or given), and from the sidecar (redseg/model_info.py)
+a prepared set's meta.json or given), and from the sidecar (redseg/deploy/model_info.py)
 ``fov_diameter_px``, ``thresholds``, ``threshold_rule`` and ``source``, each JSON-encoded as
 ``ModelInfo.as_metadata`` does, so that ``ModelInfo.from_metadata`` reads them back.
-redseg.inference.OnnxSegmenter reads them back.
+redseg.deploy.inference.OnnxSegmenter reads them back.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ from pathlib import Path
 import numpy as np
 
 from redseg import config as C
+from redseg.deploy.model_info import KEYS as MODEL_INFO_KEYS
+from redseg.deploy.model_info import read_model_info, sidecar_path
 from redseg.fileio import atomic_path, file_digest
-from redseg.model_info import KEYS as MODEL_INFO_KEYS
-from redseg.model_info import read_model_info, sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def check_supported(net_param, source: str = "net") -> None:
 
 
 def fusion_stages(net_param) -> dict[str, list[int]]:
-    """Lesion -> the VGG16 stages its branch fuses, read off the ``concat_<lesion>`` layers (redseg/net.py)."""
+    """Lesion -> the VGG16 stages its branch fuses, read off the ``concat_<lesion>`` layers (redseg/model/net.py)."""
     out = {}
     by_name = {layer.name: layer for layer in net_param.layer}
     for lesion in C.LESIONS:
@@ -311,7 +311,7 @@ def build_model(net_param, net, metadata: dict | None = None):
 
 
 def read_sidecar(weights: str | os.PathLike) -> dict:
-    """The sidecar ``<weights>.json`` (redseg.model_info: mean, FOV diameter, thresholds and where they
+    """The sidecar ``<weights>.json`` (redseg.deploy.model_info: mean, FOV diameter, thresholds and where they
     come from) as a dict of :data:`SIDECAR_KEYS`; empty when there is none, ModelInfoError when malformed."""
     info = read_model_info(weights)
     return {} if info is None else {k: v for k, v in info.as_dict().items() if k in SIDECAR_KEYS}
@@ -372,7 +372,7 @@ def export(
     probabilities differ by more than ``tolerance`` (:class:`ExportCheckError`); None skips it.
     An existing ``out`` is kept unless ``force``.
     """
-    from redseg.caffe_utils import REPO, load_net, read_net_param
+    from redseg.toolchain.caffe_utils import REPO, load_net, read_net_param
 
     deploy = Path(deploy) if deploy is not None else REPO / "prototxt" / "deploy.prototxt"
     out = Path(out)

@@ -6,14 +6,14 @@ photograph, not a clinical finding.
 Per photograph (:func:`segment_photo`):
 
 1. read it (a missing, truncated or undecodable file is skipped with its reason);
-2. find its circular field of view (redseg.fov; a file without one is skipped);
+2. find its circular field of view (redseg.data.fov; a file without one is skipped);
 3. crop to the FOV's bounding square, black out what lies outside the FOV (the training images'
    surround is black) and rescale so that the FOV's diameter equals the training images' (the
    net learnt lesion sizes at that scale);
-4. run the net (any callable image -> {"MA": probabilities, "HE": ...}: redseg.inference's
+4. run the net (any callable image -> {"MA": probabilities, "HE": ...}: redseg.deploy.inference's
    Segmenter or OnnxSegmenter);
 5. count lesions at the network's scale: connected components (8-connected) of the map at or
-   above the lesion's threshold (8-bit rule of redseg.metrics.u8_threshold, as the evaluation
+   above the lesion's threshold (8-bit rule of redseg.evaluation.metrics.u8_threshold, as the evaluation
    reads the maps) of at least ``min_size`` pixels, each assigned to the quadrant of the FOV its
    centroid lies in;
 6. bring the maps back to the photograph's own pixels (zero outside the FOV) and measure the
@@ -46,9 +46,9 @@ import numpy as np
 
 from redseg import config as C
 from redseg.config import LESIONS
+from redseg.data.fov import FieldOfView, FovError, find_fov
+from redseg.evaluation.metrics import u8_threshold
 from redseg.fileio import write_image, write_json, write_text
-from redseg.fov import FieldOfView, FovError, find_fov
-from redseg.metrics import u8_threshold
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ class PhotoResult:
 def segment_photo(img: np.ndarray, segment: Segment, settings: Settings, name: str = "image") -> PhotoResult:
     """Find the FOV, crop and rescale, run ``segment``, count, and bring the maps back (module doc).
     FovError when the photograph shows no field of view."""
-    from redseg.inference import to_u8
+    from redseg.deploy.inference import to_u8
 
     fov = find_fov(img, name)
     h, w = img.shape[:2]
@@ -360,7 +360,7 @@ def screen(
     its reason in ``status``; the batch goes on."""
     from tqdm import tqdm
 
-    from redseg.report import draw_overlay
+    from redseg.evaluation.report import draw_overlay
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "thumbs").mkdir(exist_ok=True)

@@ -1,6 +1,6 @@
 """The report of a scored run: metrics.json, report.md, the P-R curves and the overlays.
 
-Scoring is redseg.evaluation (the numbers, nothing drawn or written); this module turns its result
+Scoring is redseg.evaluation.scoring (the numbers, nothing drawn or written); this module turns its result
 into files, as FCN keeps its score.py apart from the drawing. It also owns the one overlay picture
 of the project (:func:`draw_overlay`), used by the report and by tools/segment.py alike: per
 lesion a panel of the fundus photo with the predicted probability above 0.5 as a magenta to white
@@ -20,8 +20,8 @@ import cv2
 import numpy as np
 
 from redseg.config import LESIONS, PAPER_COMPARISON_AUC_PR, PAPER_RESULTS
+from redseg.data.prepared_set import downsample_mask
 from redseg.fileio import write_bytes, write_image, write_json, write_text
-from redseg.prepared_set import downsample_mask
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ OverlayInput = tuple[str, Path | None, dict, dict]
 def write_report(out_dir: Path, result: dict, overlays: list[OverlayInput], start: float) -> dict:
     """Write the run's files into ``out_dir``: overlays, pr_curves.png, report.md, metrics.json last.
 
-    ``result``: redseg.evaluation.score's; ``start``: the perf_counter value when scoring began (the
+    ``result``: redseg.evaluation.scoring.score's; ``start``: the perf_counter value when scoring began (the
     report states the time taken). Returns the JSON-safe result written to metrics.json, its
     ``meta.outputs`` naming the files.
     """

@@ -5,16 +5,16 @@ a model's maps). It implements the authors' IDRiD evaluation, released later wit
 paper (evaluation/pr_idrid.m), not stated in the paper (§3.3 defines P, R, AUC_PR only):
 docs/method.md#the-released-protocol. Predictions are 8-bit maps (probability x 255), resized to
 the label size when they differ, thresholded at t = i/30, and TP/FP/FN are pooled over all test
-images before P, R and the trapezoid AUC_PR are computed (``redseg.metrics``).
+images before P, R and the trapezoid AUC_PR are computed (``redseg.evaluation.metrics``).
 
 Ground truth comes from either
   * the official IDRiD folder (the one holding ``A. Segmentation``, or that folder itself), read
-    by the reader preparation uses (``redseg.idrid.IdridSource``): the test set (``b. Testing
-    Set``), colour TIFF masks by the project's one mask rule (redseg.prepared_set), a missing mask
+    by the reader preparation uses (``redseg.data.idrid.IdridSource``): the test set (``b. Testing
+    Set``), colour TIFF masks by the project's one mask rule (redseg.data.prepared_set), a missing mask
     file means no lesion of that kind, image names discovered from the files present; or
   * a prepared set (``tools/prepare_idrid.py``): its ``test.txt`` list and 0/255 PNG masks.
 See docs/data_format.md for both layouts and docs/evaluation.md for the choices made here. The
-files of a run (metrics.json, report.md, the curves and overlays) are written by redseg.report.
+files of a run (metrics.json, report.md, the curves and overlays) are written by redseg.evaluation.report.
 """
 
 from __future__ import annotations
@@ -30,10 +30,18 @@ import numpy as np
 from tqdm import tqdm
 
 from redseg import config as C
-from redseg import metrics, report
 from redseg.config import LESIONS, PROTOCOL_THRESHOLDS
-from redseg.idrid import IdridError, IdridSource
-from redseg.prepared_set import DataError, downsample_mask, list_path, read_list, read_mask, read_meta, require_complete
+from redseg.data.idrid import IdridError, IdridSource
+from redseg.data.prepared_set import (
+    DataError,
+    downsample_mask,
+    list_path,
+    read_list,
+    read_mask,
+    read_meta,
+    require_complete,
+)
+from redseg.evaluation import metrics, report
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +117,7 @@ def find_ground_truth(gt: str | os.PathLike) -> GroundTruth:
 
 
 def _official(path: Path) -> GroundTruth:
-    """The test set of the official layout, listed by ``redseg.idrid.IdridSource``."""
+    """The test set of the official layout, listed by ``redseg.data.idrid.IdridSource``."""
     try:
         with IdridSource(path) as source:
             items = source.split_images("test", LESIONS)
@@ -195,7 +203,7 @@ def evaluate(
     progress: bool = True,
 ) -> dict:
     """Score ``<pred_dir>/<image>_{ma,he}.png`` against ``gt`` (:func:`score`) and write the report
-    of the run to ``out_dir`` (:func:`redseg.report.write_report`).
+    of the run to ``out_dir`` (:func:`redseg.evaluation.report.write_report`).
 
     Writes ``metrics.json`` (last, atomically), ``report.md``, ``pr_curves.png`` and
     ``overlays/<image>.png`` for the first ``overlays`` images in name order. Returns the content of
@@ -222,7 +230,7 @@ def score(
     ``gt``: the official IDRiD root or a prepared set (:func:`find_ground_truth`). By default the
     maps are resized to the label size with ``interpolation`` (the authors' protocol);
     ``at_pred_size=True`` instead downsizes the labels to the map size with the "any" rule
-    (``redseg.prepared_set.downsample_mask``). Returns the result (lesions and ``meta``) and, for
+    (``redseg.data.prepared_set.downsample_mask``). Returns the result (lesions and ``meta``) and, for
     the first ``overlays`` images, the scored maps and labels at overlay size.
     """
     pred_dir = Path(pred_dir)

@@ -3,7 +3,7 @@
 On a GPU a Red-Seg iteration at 1072x712 takes a fraction of a second, while the 8 Python loss
 layers (paper section 2.2) and the Python data layer run on the CPU every iteration, so their cost
 decides whether the paper's 103,680 iterations take hours or days. This module measures, on the
-nets that training really uses (``redseg.net``: the stage-1 and stage-2 train nets, the deploy
+nets that training really uses (``redseg.model.net``: the stage-1 and stage-2 train nets, the deploy
 net) and on images it makes itself (no IDRiD needed):
 
 * one training iteration (``solver.step(1)``) of stage 1 and of stage 2, with a per-layer
@@ -11,13 +11,13 @@ net) and on images it makes itself (no IDRiD needed):
   ``before_forward``/``after_forward``/``before_backward``/``after_backward`` callbacks);
 * the 8 loss layers' forward + backward together (``net._forward(i, i)``/``net._backward(i, i)``
   on the real logits), and the float64 reference implementation of the losses
-  (redseg/reference_losses.py, the tests' numerical oracle) on the same inputs, with a check that
+  (redseg/model/reference_losses.py, the tests' numerical oracle) on the same inputs, with a check that
   both give the same numbers;
 * the data layer per iteration in steady state (every sample cached);
 * one deploy forward pass, scoring a 27-image test set (IDRiD's test size) with
-  ``redseg.evaluation.evaluate``, and the peak resident memory;
+  ``redseg.evaluation.scoring.evaluate``, and the peak resident memory;
 * separately (:func:`run_onnx_benchmark`, ``tools/benchmark.py --onnx``): one photograph through
-  the deploy net in pycaffe and through its ONNX export (redseg/onnx_export.py) in ONNX Runtime,
+  the deploy net in pycaffe and through its ONNX export (redseg/deploy/onnx_export.py) in ONNX Runtime,
   side by side on the same input, with the largest difference of the probabilities.
 
 Every timing is repeated; results carry the median and the interquartile range.
@@ -40,17 +40,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from redseg import blas, reference_losses
 from redseg import config as C
-from redseg.caffe_utils import import_caffe, set_mode
+from redseg.data.prepared_set import list_path, read_list, read_mask, write_list
 from redseg.fileio import mark_complete, write_image, write_json
-from redseg.prepared_set import list_path, read_list, read_mask, write_list
+from redseg.model import reference_losses
+from redseg.toolchain import blas
+from redseg.toolchain.caffe_utils import import_caffe, set_mode
 
 log = logging.getLogger(__name__)
 
 TARGET_SIZE = (712, 1072)  # (H, W): the paper's 4x-downsampled IDRiD images
 N_TEST_IMAGES = 27  # IDRiD's test set: IDRiD_55 .. IDRiD_81
-# Same tolerances as tests/test_losses.py: float32 layers against the float64 oracle.
+# Same tolerances as tests/model/test_losses.py: float32 layers against the float64 oracle.
 LOSS_RTOL = 1e-5
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6
 
@@ -158,8 +159,8 @@ def machine_info(gpu: int | None) -> dict:
 
 
 def _scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A synthetic fundus photograph with MA and HE masks (redseg.synthetic), at exactly h x w."""
-    from redseg.synthetic import SyntheticParams, render_fundus
+    """A synthetic fundus photograph with MA and HE masks (redseg.data.synthetic), at exactly h x w."""
+    from redseg.data.synthetic import SyntheticParams, render_fundus
 
     img = render_fundus(rng, SyntheticParams(width=w, height=h))
     empty = np.zeros((h, w), bool)
@@ -321,8 +322,8 @@ def _data_layer_index(net) -> int:
 
 
 def _write_stage(workdir: Path, stage: int, train_list: Path, gpu: bool) -> Path:
-    """The stage's train net (redseg.net, as `make prototxt` writes it) and a solver; returns the solver."""
-    from redseg.net import NetOptions, redseg, solver_text
+    """The stage's train net (redseg.model.net, as `make prototxt` writes it) and a solver; returns the solver."""
+    from redseg.model.net import NetOptions, redseg, solver_text
 
     net_path = workdir / f"stage{stage}_train.prototxt"
     net_path.write_text(str(redseg(NetOptions(stage=stage, train_list=str(train_list)))))
@@ -429,7 +430,7 @@ def time_stage(cfg: BenchConfig, stage: int, data_root: Path, workdir: Path) -> 
 
 def time_deploy(cfg: BenchConfig, workdir: Path) -> dict:
     """One deploy forward pass (what tools/test_net.py does per image), random weights and image."""
-    from redseg.net import NetOptions, redseg
+    from redseg.model.net import NetOptions, redseg
 
     caffe = import_caffe()
     path = workdir / "deploy.prototxt"
@@ -450,8 +451,8 @@ def time_deploy(cfg: BenchConfig, workdir: Path) -> dict:
 
 
 def time_scoring(cfg: BenchConfig, data_root: Path, workdir: Path) -> dict:
-    """redseg.evaluation.evaluate on the set's 27 test images (no overlays), as tools/evaluate.py runs it."""
-    from redseg.evaluation import evaluate
+    """redseg.evaluation.scoring.evaluate on the set's 27 test images (no overlays), as tools/evaluate.py runs it."""
+    from redseg.evaluation.scoring import evaluate
 
     pred = workdir / "pred"
     n = make_prediction_maps(data_root, pred, cfg.seed)
@@ -459,7 +460,7 @@ def time_scoring(cfg: BenchConfig, data_root: Path, workdir: Path) -> dict:
     def score():
         evaluate(pred, data_root, workdir / "eval", overlays=0, progress=False)
 
-    evaluate_logger = logging.getLogger("redseg.evaluation")
+    evaluate_logger = logging.getLogger("redseg.evaluation.scoring")
     level = evaluate_logger.level
     evaluate_logger.setLevel(logging.WARNING)
     try:
@@ -533,7 +534,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
             "tool": "tools/benchmark.py",
             "size": list(cfg.size),
             "machine": machine_info(cfg.gpu),
-            "blas": blas.describe(),  # which OpenBLAS kernels Caffe runs (redseg/blas.py)
+            "blas": blas.describe(),  # which OpenBLAS kernels Caffe runs (redseg/toolchain/blas.py)
             "settings": {k: v for k, v in asdict(cfg).items() if k not in ("workdir", "extra")},
             "stages": {},
         }
@@ -581,8 +582,8 @@ def run_onnx_benchmark(cfg: BenchConfig) -> dict:
     """
     import onnxruntime as ort
 
-    from redseg.net import NetOptions, redseg
-    from redseg.onnx_export import export
+    from redseg.deploy.onnx_export import export
+    from redseg.model.net import NetOptions, redseg
 
     start = time.perf_counter()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None

@@ -3,7 +3,7 @@
 ``make reproduce`` (tools/reproduce.py) runs each experiment as the user would by hand, through the
 same driver and evaluation (tools/train.py, tools/test_net.py), in its own folder under the run
 folder, as a child process: a Caffe abort (a glog CHECK) or a diverged loss ends that experiment
-only, which the tables then report, and the others go on. redseg/reproduction.py assembles the
+only, which the tables then report, and the others go on. redseg/experiments/reproduction.py assembles the
 tables and figures from what the experiments wrote.
 
 The experiments (:data:`EXPERIMENTS`; docs/reproduce.md):
@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from redseg import config as C
-from redseg.caffe_utils import REPO
 from redseg.fileio import is_complete, mark_complete, read_json_object, write_json
+from redseg.toolchain.caffe_utils import REPO
 
 log = logging.getLogger(__name__)
 

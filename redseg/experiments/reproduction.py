@@ -1,7 +1,7 @@
 """The reproduction's tables and figures, assembled from what the experiments wrote.
 
-Everything here is read back from the experiment folders (redseg/reproduce.py): the metrics of
-each test (``<experiment>/test/eval/metrics.json``, the authors' protocol, redseg/evaluation.py),
+Everything here is read back from the experiment folders (redseg/experiments/reproduce.py): the metrics of
+each test (``<experiment>/test/eval/metrics.json``, the authors' protocol, redseg/evaluation/scoring.py),
 the training records (``stage<N>_run.json``), the loss logs (``stage<N>_log.csv``,
 ``stage<N>_test_log.csv``) and the side-output maps (``test/sides/``). So the tables always show
 what the runs produced, and a table can be rebuilt without training (``--assemble-only``).
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from redseg import config as C
+from redseg.experiments.reproduce import EXPERIMENTS, Settings, load_outcomes, settings_json
 from redseg.fileio import read_json_object, write_bytes, write_json, write_text
-from redseg.reproduce import EXPERIMENTS, Settings, load_outcomes, settings_json
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +215,8 @@ def render(result: dict) -> str:
     if synthetic:
         out += [
             "> **These numbers come from synthetic fundus photographs** (the project's generator,",
-            f"> redseg/synthetic.py), trained from scratch with the `{st['schedule']}` schedule, because IDRiD and",
-            "> the ImageNet weights cannot be shipped. They show the pipeline and the experiments working;",
+            f"> redseg/data/synthetic.py), trained from scratch with the `{st['schedule']}` schedule, because IDRiD",
+            "> and the ImageNet weights cannot be shipped. They show the pipeline and the experiments working;",
             "> they are not comparable with the paper's numbers beside them. Run `make reproduce",
             "> IDRID=/path/to/IDRiD` for the real reproduction.",
             "",
@@ -357,7 +357,7 @@ def figure7(s: Settings, n_images: int = 3) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from redseg.prepared_set import list_path, read_image, read_list, read_mask
+    from redseg.data.prepared_set import list_path, read_image, read_list, read_mask
 
     for name in ("two_stage", "stage1"):
         sides = s.run / name / "test" / "sides"

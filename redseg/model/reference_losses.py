@@ -2,8 +2,8 @@
 
 Written as directly from the formulas of paper section 2.2 as possible (full sort, explicit
 log p), independent of python_layers/losses.py, so that the fast Caffe layers can be checked
-against them: by the tests (tests/test_losses.py, tests/test_loss_speed_equivalence.py) and by
-the benchmark (redseg.benchmark), which times both on the same inputs. Slow on purpose; never
+against them: by the tests (tests/model/test_losses.py, tests/model/test_loss_speed_equivalence.py) and by
+the benchmark (redseg.experiments.benchmark), which times both on the same inputs. Slow on purpose; never
 used for training.
 """
 

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from redseg import config as C
-from redseg.caffe_utils import CaffeInputError, import_caffe, read_caffemodel
 from redseg.fileio import atomic_path, cache_root, file_digest, write_json
+from redseg.toolchain.caffe_utils import CaffeInputError, import_caffe, read_caffemodel
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ loads, so the choice has to be in the environment before ``import caffe``.
 
 How:
 
-* :func:`decide` (``python -m redseg.blas --setup``, run by tools/setup.sh) finds the OpenBLAS that
+* :func:`decide` (``python -m redseg.toolchain.blas --setup``, run by tools/setup.sh) finds the OpenBLAS that
   Caffe's ``_caffe.so`` links (``ldd``) and probes it in subprocesses, never in this process (that
   would fix this process's kernels for good): the core it picks by itself, and, when that is a
   generic core on a CPU with AVX-512 or AVX2, the matching core (SkylakeX, then Haswell). A
@@ -19,7 +19,7 @@ How:
   decision goes to a small JSON file (:func:`decision_path`), keyed on ``_caffe.so``, the real file
   behind the library link (path, size, mtime) and the CPU, so a rebuilt Caffe, another library or
   another machine invalidates it.
-* :func:`configure` (called by ``redseg.caffe_utils.import_caffe``, tests/conftest.py, and a
+* :func:`configure` (called by ``redseg.toolchain.caffe_utils.import_caffe``, tests/conftest.py, and a
   ``.pth`` hook in the venv for a plain ``import caffe``) reads that file and sets
   ``OPENBLAS_CORETYPE``. It never overrides a value the user set. Without a valid decision it
   probes once itself (about half a second) and stores the result; the ``.pth`` hook, which runs at
@@ -590,7 +590,7 @@ def summary(st: dict | None) -> str:
     elif src == "default":
         why = "the library's default" + (f"; {st['reason']}" if st.get("reason") else "")
     elif src == "already loaded":
-        why = "Caffe's OpenBLAS was loaded before redseg.blas could choose"
+        why = "Caffe's OpenBLAS was loaded before redseg.toolchain.blas could choose"
     else:
         why = f"no BLAS decision at {st.get('decision_file')}; `make setup` makes one"
     return f"BLAS: {lib}, core {core or 'unknown'} ({why})"
@@ -620,11 +620,11 @@ def install_pth_hook() -> str | None:
     import sysconfig
 
     hook = os.path.join(sysconfig.get_paths()["purelib"], PTH_FILE)
-    # Skipped under `python -m redseg.blas`, which would otherwise find itself imported already.
+    # Skipped under `python -m redseg.toolchain.blas`, which would otherwise find itself imported already.
     line = (
-        'import sys; exec("try:\\n from redseg import blas\\n'
+        'import sys; exec("try:\\n from redseg.toolchain import blas\\n'
         ' blas.configure(allow_probe=False, announce=False)\\nexcept Exception:\\n pass")'
-        ' if "redseg.blas" not in getattr(sys, "orig_argv", ()) else None\n'
+        ' if "redseg.toolchain.blas" not in getattr(sys, "orig_argv", ()) else None\n'
     )
     with open(hook, "w") as f:
         f.write(line)
@@ -651,7 +651,7 @@ def setup(path: str | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m redseg.blas", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m redseg.toolchain.blas", description=__doc__.split("\n\n")[0])
     ap.add_argument("--setup", action="store_true", help="probe the library Caffe links, choose a core, store it")
     ap.add_argument("--file", help=f"the decision file (default {decision_path()})")
     args = ap.parse_args(argv)

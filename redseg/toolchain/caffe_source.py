@@ -15,7 +15,7 @@ tree that already has it, so they apply to the 1.0 release, to the last upstream
 Debian's tree alike.
 
 This module is used by ``tools/setup.sh`` through its command line (``python -m
-redseg.caffe_source ...``) and needs nothing beyond the standard library and redseg.fileio.
+redseg.toolchain.caffe_source ...``) and needs nothing beyond the standard library and redseg.fileio.
 """
 
 from __future__ import annotations
@@ -284,7 +284,7 @@ def apply_patches(root: Path) -> list[str]:
 
 # --- command line (for tools/setup.sh) ------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m redseg.caffe_source", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m redseg.toolchain.caffe_source", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("key", help="print a cache-key label for CAFFE_SRC (a folder or a tarball)")
     s.add_argument("src", type=Path)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 class CaffeInputError(ValueError):
@@ -24,9 +24,9 @@ class CaffeInputError(ValueError):
 
 def import_caffe(verbose: bool = False):
     """Import pycaffe with glog's INFO chatter off (unless ``verbose``) and our layers importable."""
-    from redseg import blas
+    from redseg.toolchain import blas
 
-    blas.configure()  # OpenBLAS reads OPENBLAS_CORETYPE once, when Caffe loads it: first (redseg/blas.py)
+    blas.configure()  # OpenBLAS reads OPENBLAS_CORETYPE once, when Caffe loads it: first (redseg/toolchain/blas.py)
     if not verbose:
         os.environ.setdefault("GLOG_minloglevel", "2")
     for p in (str(REPO), str(REPO / "python_layers")):

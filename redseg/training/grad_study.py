@@ -22,7 +22,7 @@ measures, for given weights and images:
   the whole map up or down at once.
 
 Stage 1's lambda is held at a given value (by default the end of the staircase, 0.0104, where the
-stage-1 model was last trained). Nothing here trains: the nets are built from redseg.net with the
+stage-1 model was last trained). Nothing here trains: the nets are built from redseg.model.net with the
 prepared set's train list and the weights copied in. :func:`map_stats` and :func:`pred_map_stats`
 follow the symptom through a stage-2 run: the mean test-time probability on lesion and on background
 pixels (a map being erased has both fall towards 0).
@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from redseg import config as C
-from redseg.caffe_utils import check_weights, import_caffe
+from redseg.data.prepared_set import list_path, load_sample, mean_bgr, read_list
 from redseg.fileio import write_text
-from redseg.prepared_set import list_path, load_sample, mean_bgr, read_list
-from redseg.topk_schedule import topk_lambda
+from redseg.model.topk_schedule import topk_lambda
+from redseg.toolchain.caffe_utils import check_weights, import_caffe
 
 # lambda at the last stage-1 iteration of the paper's schedule (and of every schedule of the same
 # shape, M / S = 9.72): the value the stage-1 model was last trained with.
@@ -78,7 +78,7 @@ def param_group(layer: str) -> str:
 
 
 def build_train_net(stage: int, data: str | Path, workdir: str | Path, weights: str | Path, lam: float = FINAL_LAMBDA):
-    """The stage-``stage`` train net of redseg.net on ``data``'s train list, with ``weights`` copied in.
+    """The stage-``stage`` train net of redseg.model.net on ``data``'s train list, with ``weights`` copied in.
 
     Stage 1's Top-k layers keep lambda = ``lam`` for every forward pass (the staircase's period is
     made longer than any run). Returns ``(net, lr_mults)`` with ``lr_mults[layer] = [weight, bias]``
@@ -88,7 +88,7 @@ def build_train_net(stage: int, data: str | Path, workdir: str | Path, weights: 
     from caffe.proto import caffe_pb2
     from google.protobuf import text_format
 
-    from redseg.net import NetOptions, redseg
+    from redseg.model.net import NetOptions, redseg
 
     opts = NetOptions(
         stage=stage,
@@ -401,7 +401,7 @@ def map_stats(weights: str | Path, data: str | Path, split: str = "test", deploy
     probability on positives fall towards that on negatives. Pooled over the images of ``split``
     (the prepared set's masks, at the prepared size), from the deploy net's maps.
     """
-    from redseg.inference import DEPLOY, Segmenter
+    from redseg.deploy.inference import DEPLOY, Segmenter
 
     seg = Segmenter(weights, mean_bgr(data), deploy or DEPLOY)
 
@@ -417,8 +417,8 @@ def map_stats(weights: str | Path, data: str | Path, split: str = "test", deploy
 def pred_map_stats(pred: str | Path, data: str | Path, split: str = "test") -> dict:
     """:func:`map_stats` from the 8-bit maps tools/test_net.py wrote (``<pred>/<image>_<ma|he>.png``,
     probability x 255, at the prepared size), so a scored model needs no second forward pass."""
-    from redseg.evaluation import prediction_path, read_prediction
-    from redseg.prepared_set import read_mask
+    from redseg.data.prepared_set import read_mask
+    from redseg.evaluation.scoring import prediction_path, read_prediction
 
     def pairs():
         for s in read_list(list_path(data, split)):

@@ -25,7 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from redseg import config as C
-from redseg.caffe_utils import (
+from redseg.data.prepared_set import list_path, read_list, read_meta
+from redseg.fileio import atomic_path, write_json, write_text
+from redseg.model.vgg16 import prepare_weights as prepare_vgg16
+from redseg.toolchain.caffe_utils import (
     REPO,
     CaffeInputError,
     check_net_param,
@@ -34,9 +37,6 @@ from redseg.caffe_utils import (
     read_binary_proto,
     set_mode,
 )
-from redseg.fileio import atomic_path, write_json, write_text
-from redseg.prepared_set import list_path, read_list, read_meta
-from redseg.vgg16 import prepare_weights as prepare_vgg16
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class TestLoss:
 
 
 def topk_lambda_at(run: StageRun, it: int) -> float:
-    from redseg.topk_schedule import topk_lambda
+    from redseg.model.topk_schedule import topk_lambda
 
     return topk_lambda(max(it, 1), C.LAMBDA0, run.schedule.lambda_period, run.schedule.stage1.max_iter)
 
@@ -331,7 +331,7 @@ def _init_weights(run: StageRun, net) -> None:
             log.warning("*" * 78)
             return
         # A Caffe model (V1 or V2) or Keras' HDF5 file, told apart by content; the latter is
-        # converted once and cached beside it (redseg/vgg16.py, docs/weights.md). check_weights
+        # converted once and cached beside it (redseg/model/vgg16.py, docs/weights.md). check_weights
         # then checks the result against this net.
         weights = prepare_vgg16(run.weights, validate=False)
         copied = check_weights(weights, net, strict=False, required=VGG16_LAYERS)

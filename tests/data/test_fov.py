@@ -1,7 +1,7 @@
-"""redseg/fov.py: the circular field of view (FOV) of a fundus photograph, and the training data's
-FOV diameter in a prepared set (redseg.idrid's preparation, redseg.prepared_set.fov_diameter).
+"""redseg/data/fov.py: the circular field of view (FOV) of a fundus photograph, and the training data's
+FOV diameter in a prepared set (redseg.data.idrid's preparation, redseg.data.prepared_set.fov_diameter).
 
-Photographs are rendered by redseg.synthetic (whose disc geometry is reproduced here from its seed
+Photographs are rendered by redseg.data.synthetic (whose disc geometry is reproduced here from its seed
 and checked on the image itself) or drawn, then given margins, cuts, other scales and aspect
 ratios, JPEG compression, or no border at all.
 """
@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 import pytest
 
-from redseg.fov import FieldOfView, FovError, find_fov, fov_mask, fov_summary
-from redseg.synthetic import SyntheticParams, render_fundus
+from redseg.data.fov import FieldOfView, FovError, find_fov, fov_mask, fov_summary
+from redseg.data.synthetic import SyntheticParams, render_fundus
 
 
 def fundus(seed: int, w: int, h: int) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -32,9 +32,9 @@ def fundus(seed: int, w: int, h: int) -> tuple[np.ndarray, tuple[float, float, f
         xo, yo = round(cx + (r + 3) * math.cos(a)), round(cy + (r + 3) * math.sin(a))
         xi, yi = round(cx + (r - 4) * math.cos(a)), round(cy + (r - 4) * math.sin(a))
         if 0 <= xo < w and 0 <= yo < h:
-            assert img[yo, xo].max() < 15, "redseg.synthetic's geometry changed: update fundus()"
+            assert img[yo, xo].max() < 15, "redseg.data.synthetic's geometry changed: update fundus()"
         if 0 <= xi < w and 0 <= yi < h:
-            assert img[yi, xi].max() > 30, "redseg.synthetic's geometry changed: update fundus()"
+            assert img[yi, xi].max() > 30, "redseg.data.synthetic's geometry changed: update fundus()"
     return img, (cx, cy, r)
 
 
@@ -173,7 +173,7 @@ def _write_set(root: Path, images: dict[str, np.ndarray], meta: dict) -> Path:
 
 
 def test_prepared_set_fov_diameter_from_meta_or_measured(tmp_path):
-    from redseg.prepared_set import fov_diameter
+    from redseg.data.prepared_set import fov_diameter
 
     a, (_, _, ra) = fundus(21, 160, 106)
     b, (_, _, rb) = fundus(22, 160, 106)
@@ -186,9 +186,9 @@ def test_prepared_set_fov_diameter_from_meta_or_measured(tmp_path):
 
 
 def test_preparation_records_the_training_fov_diameter(tmp_path):
-    """redseg.idrid.prepare measures it at prepared size; the images themselves are as before."""
-    from redseg.idrid import prepare
-    from redseg.synthetic import generate_idrid_tree
+    """redseg.data.idrid.prepare measures it at prepared size; the images themselves are as before."""
+    from redseg.data.idrid import prepare
+    from redseg.data.synthetic import generate_idrid_tree
 
     src = tmp_path / "IDRiD"
     generate_idrid_tree(src, n_train=3, n_test=1, seed=4, params=SyntheticParams(240, 160), progress=False)

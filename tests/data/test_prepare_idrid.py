@@ -1,4 +1,4 @@
-"""Preparing the official IDRiD layout (redseg/idrid.py, tools/prepare_idrid.py).
+"""Preparing the official IDRiD layout (redseg/data/idrid.py, tools/prepare_idrid.py).
 
 Paper section 3.1: downsample 4x, expand the training set 6x; the choices of docs/method.md (mask
 rule, augmentations, input mean) are checked against independent computations here, on small
@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 
 from redseg.config import AUGMENTATIONS, IDRID_LESION_DIRS
-from redseg.idrid import IdridError, augment, augment_point, prepare, prepared_size
-from redseg.prepared_set import downsample_mask
-from redseg.synthetic import SyntheticParams, generate_idrid_tree
+from redseg.data.idrid import IdridError, augment, augment_point, prepare, prepared_size
+from redseg.data.prepared_set import downsample_mask
+from redseg.data.synthetic import SyntheticParams, generate_idrid_tree
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "prepare_idrid.py"
 # Spelled out here, not imported from redseg.config: the tests check the layout against IDRiD's own names.
 SEG = "A. Segmentation"

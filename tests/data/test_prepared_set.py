@@ -1,4 +1,4 @@
-"""redseg.prepared_set: the list files, the completion stamp, the one mask rule and the downsizing rules.
+"""redseg.data.prepared_set: the list files, the completion stamp, the one mask rule and the downsizing rules.
 
 The mask rule is checked where it matters: an RGBA mask whose background is opaque (alpha 255
 everywhere) and whose lesion pixels are red must give only the red pixels, in the training reader,
@@ -15,10 +15,8 @@ import numpy as np
 import pytest
 
 from redseg.config import IDRID_GT_DIR, IDRID_IMAGES_DIR, IDRID_LESION_DIRS, IDRID_SEG_DIR, IDRID_SPLIT_DIRS
-from redseg.evaluation import evaluate
-from redseg.fileio import COMPLETE, mark_complete
-from redseg.idrid import prepare
-from redseg.prepared_set import (
+from redseg.data.idrid import prepare
+from redseg.data.prepared_set import (
     DataError,
     downsample_mask,
     list_path,
@@ -29,6 +27,8 @@ from redseg.prepared_set import (
     read_meta,
     write_list,
 )
+from redseg.evaluation.scoring import evaluate
+from redseg.fileio import COMPLETE, mark_complete
 
 H, W = 12, 16
 

@@ -1,4 +1,4 @@
-"""The synthetic fundus generator (redseg/synthetic.py, tools/make_synthetic.py).
+"""The synthetic fundus generator (redseg/data/synthetic.py, tools/make_synthetic.py).
 
 It stands in for IDRiD (paper section 3.1), so it must write the official layout exactly, be
 reproducible from a seed, and its masks must mark exactly the dark-red lesions it drew.
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from redseg.config import IDRID_LESION_DIRS, TEST_IDS, TRAIN_IDS
-from redseg.synthetic import SyntheticParams, generate_idrid_tree, image_ids, render_fundus
+from redseg.data.synthetic import SyntheticParams, generate_idrid_tree, image_ids, render_fundus
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "make_synthetic.py"
 # Spelled out here, not imported from redseg.config: the tests check the layout against IDRiD's own names.
 SEG = "A. Segmentation"

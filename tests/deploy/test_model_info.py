@@ -1,4 +1,4 @@
-"""redseg/model_info.py: a model's sidecar <weights>.json, and tools/test_net.py writing it."""
+"""redseg/deploy/model_info.py: a model's sidecar <weights>.json, and tools/test_net.py writing it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import save_random_model
 
-from redseg.model_info import (
+from redseg.deploy.model_info import (
     ModelInfo,
     ModelInfoError,
     break_even_thresholds,
@@ -22,7 +22,7 @@ from redseg.model_info import (
     write_model_info,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_sidecar_round_trip_beside_the_weights(tmp_path):

@@ -1,4 +1,4 @@
-"""The ONNX export (redseg/onnx_export.py, tools/export_onnx.py) against real pycaffe and ONNX Runtime.
+"""The ONNX export (redseg/deploy/onnx_export.py, tools/export_onnx.py) against real pycaffe and ONNX Runtime.
 
 The exported model must give pycaffe's probabilities (to 1e-4) at odd input sizes, where Caffe's
 ceil rounding of the pooled size and the crop offsets decide every pixel, for the main deploy net
@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 from redseg import config as C
-from redseg.inference import OnnxSegmenter, Segmenter, read_onnx_info
-from redseg.model_info import ModelInfo, read_model_info
-from redseg.onnx_export import UnsupportedLayerError, export
+from redseg.deploy.inference import OnnxSegmenter, Segmenter, read_onnx_info
+from redseg.deploy.model_info import ModelInfo, read_model_info
+from redseg.deploy.onnx_export import UnsupportedLayerError, export
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEPLOYS = {
     "main": REPO / "prototxt" / "deploy.prototxt",
     "ma_conv1-4": REPO / "prototxt" / "ablations" / "deploy_ma_conv1-4.prototxt",
@@ -97,7 +97,7 @@ def test_onnx_gives_pycaffe_probabilities_at_odd_sizes(exported, caplog):
     pools = [n for n in m.graph.node if n.op_type == "MaxPool"]
     assert all(a.i == 1 for n in pools for a in n.attribute if a.name == "ceil_mode")
     # No mean stored: the L-Seg mean, with a warning.
-    with caplog.at_level(logging.WARNING, logger="redseg.inference"):
+    with caplog.at_level(logging.WARNING, logger="redseg.deploy.inference"):
         seg = OnnxSegmenter(model, providers=["CPUExecutionProvider"])
     assert np.allclose(seg.mean, C.LSEG_MEAN_BGR) and "no input mean" in caplog.text
     stages = read_onnx_info(model).fusion_stages
@@ -108,7 +108,7 @@ def test_segmenting_with_onnx_loads_no_caffe(exported):
     _, _, model = exported
     code = (
         "import sys, numpy as np\n"
-        "from redseg.inference import OnnxSegmenter\n"
+        "from redseg.deploy.inference import OnnxSegmenter\n"
         f"seg = OnnxSegmenter({str(model)!r}, mean_bgr=(1, 2, 3))\n"
         "out = seg(np.zeros((33, 41, 3), np.uint8))\n"
         "assert out['MA'].shape == (33, 41), out['MA'].shape\n"
@@ -149,7 +149,7 @@ def test_unknown_layer_types_are_refused_by_name(caffe, tmp_path):
 
 
 def test_export_refuses_a_model_that_differs_from_caffe(exported, monkeypatch, tmp_path):
-    from redseg import onnx_export
+    from redseg.deploy import onnx_export
 
     deploy, weights, _ = exported
     pool_attrs = onnx_export._pool_attrs

@@ -1,8 +1,8 @@
-"""redseg/screening.py: counting lesions on maps, one photograph through FOV crop / rescale / net /
+"""redseg/deploy/screening.py: counting lesions on maps, one photograph through FOV crop / rescale / net /
 back, and a batch with bad files, with its summary files.
 
 The net here is a stand-in that marks pure blue pixels as MA and pure green ones as HE (the real
-nets are exercised by tests/test_segment_tool.py), so every count and area is known.
+nets are exercised by tests/deploy/test_segment_tool.py), so every count and area is known.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from redseg import config as C
-from redseg import screening as S
-from redseg.fov import FieldOfView, find_fov
+from redseg.data.fov import FieldOfView, find_fov
+from redseg.deploy import screening as S
 
 BLUE, GREEN = (255, 0, 0), (0, 255, 0)
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from conftest import save_random_model
 
-from redseg.synthetic import SyntheticParams, render_fundus
+from redseg.data.synthetic import SyntheticParams, render_fundus
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "segment.py"
 TRAIN_FOV = 64.0  # a tiny training FOV diameter: the net runs at ~64x43 px, fast
 
@@ -46,7 +46,7 @@ sys.exit(code)
 @pytest.fixture(scope="module")
 def model(caffe, tmp_path_factory) -> Path:
     """A Red-Seg deploy net with seeded random weights, and its sidecar (as tools/test_net.py writes)."""
-    from redseg.model_info import ModelInfo, write_model_info
+    from redseg.deploy.model_info import ModelInfo, write_model_info
 
     path = save_random_model(tmp_path_factory.mktemp("model") / "model.caffemodel", seed=0)
     write_model_info(path, ModelInfo([30.0, 60.0, 120.0], TRAIN_FOV, {"MA": 0.3, "HE": 0.7}, "test", "m.json"))
@@ -55,7 +55,7 @@ def model(caffe, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def onnx_model(model, tmp_path_factory) -> Path:
-    from redseg.onnx_export import export
+    from redseg.deploy.onnx_export import export
 
     return export(model, tmp_path_factory.mktemp("onnx") / "model.onnx", verify_size=None)
 

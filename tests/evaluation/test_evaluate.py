@@ -1,4 +1,4 @@
-"""redseg.evaluation and tools/evaluate.py on small real files in both ground-truth layouts.
+"""redseg.evaluation.scoring and tools/evaluate.py on small real files in both ground-truth layouts.
 
 Expected values are computed here from the arrays the test wrote (sklearn's AP, a pixel loop for
 the protocol, direct counts), never read back from the code under test.
@@ -18,10 +18,10 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from redseg.config import IDRID_LESION_DIRS, LESIONS
-from redseg.evaluation import EvaluationError, evaluate, find_ground_truth
-from redseg.prepared_set import DataError
+from redseg.data.prepared_set import DataError
+from redseg.evaluation.scoring import EvaluationError, evaluate, find_ground_truth
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PYTHON = REPO / ".venv" / "bin" / "python"
 H, W = 48, 64  # label size of the small test images
 NAMES = ("IDRiD_55", "IDRiD_57", "IDRiD_60")  # not contiguous: names come from the files

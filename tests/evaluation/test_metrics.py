@@ -1,4 +1,4 @@
-"""redseg.metrics against hand-computed cases, sklearn, and brute force over the pixels."""
+"""redseg.evaluation.metrics against hand-computed cases, sklearn, and brute force over the pixels."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from redseg import metrics
 from redseg.config import PROTOCOL_THRESHOLDS
+from redseg.evaluation import metrics
 
 
 def hists_from_values(pos_values, neg_values):

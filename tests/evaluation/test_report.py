@@ -1,10 +1,10 @@
-"""redseg.report's overlay: one picture for the evaluation report and tools/segment.py."""
+"""redseg.evaluation.report's overlay: one picture for the evaluation report and tools/segment.py."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from redseg.report import GT_OUTLINE_BGR, OVERLAY_MAX_WIDTH, draw_overlay, shrink_for_overlay
+from redseg.evaluation.report import GT_OUTLINE_BGR, OVERLAY_MAX_WIDTH, draw_overlay, shrink_for_overlay
 
 
 def maps(h: int, w: int) -> tuple[dict, dict]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import save_random_model
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_test_net(*args):
@@ -103,7 +103,7 @@ def test_gpu_flag_with_this_build_is_a_clear_error(tmp_path, tiny_set, weights):
     """--gpu on a CPU-only Caffe (or a machine without a driver) is refused before Caffe can abort."""
     import shutil
 
-    from redseg.caffe_utils import caffe_has_cuda
+    from redseg.toolchain.caffe_utils import caffe_has_cuda
 
     if caffe_has_cuda() and shutil.which("nvidia-smi"):
         pytest.skip("a CUDA build on a machine with a GPU driver: --gpu 0 would really run")
@@ -121,8 +121,8 @@ def test_gpu_flag_with_this_build_is_a_clear_error(tmp_path, tiny_set, weights):
 def test_side_maps_are_the_sides_the_fuse_layer_combines(caffe, variant):
     """Fig. 7's maps: each branch's fused logit is the fuse layer's weighted sum of the side logits
     that side_maps returns, in stage order (conv1-4: conv1's side has no upsampling)."""
-    from redseg.caffe_utils import load_net
-    from redseg.inference import side_maps
+    from redseg.deploy.inference import side_maps
+    from redseg.toolchain.caffe_utils import load_net
 
     deploy = REPO / "prototxt" / ("deploy.prototxt" if not variant else f"ablations/deploy_ma_{variant}.prototxt")
     net = load_net(deploy)

@@ -1,4 +1,4 @@
-"""make reproduce (tools/reproduce.py, redseg/reproduce.py, redseg/reproduction.py).
+"""make reproduce (tools/reproduce.py, redseg/experiments/reproduce.py, redseg/experiments/reproduction.py).
 
 The scheduling across GPUs is checked as a plan and with a stand-in worker (no GPU here); the
 whole runner end to end on a tiny synthetic set with the smoke schedule, through real Caffe:
@@ -18,9 +18,9 @@ import cv2
 import pytest
 
 from redseg import config as C
-from redseg.reproduce import EXPERIMENTS, Experiment, Outcome, execute, plan
+from redseg.experiments.reproduce import EXPERIMENTS, Experiment, Outcome, execute, plan
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BY_NAME = {e.name: e for e in EXPERIMENTS}
 
 

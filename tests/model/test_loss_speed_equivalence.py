@@ -2,12 +2,12 @@
 
 python_layers/losses.py selects the Top-k negatives from a subsampled threshold guess plus an exact
 partition of a candidate set, and evaluates the FN+FP loss with cancellation-free in-place
-arithmetic. Both are checked here against redseg/reference_losses.py (full stable sort, float64,
+arithmetic. Both are checked here against redseg/model/reference_losses.py (full stable sort, float64,
 written straight from paper section 2.2) through real Caffe nets: random inputs at several sizes
 (including the paper's 1072x712, where the subsampling path runs) and batch sizes, and the edge
 cases: no positives, all positives, k = 0, ties in logits, huge logits, NaN, the end of the lambda
 schedule, and a subsample that guesses the threshold wrong. Also: the data layer's channel-first
-cache gives the same blob as redseg.prepared_set.image_blob, and tools/benchmark.py runs end to end.
+cache gives the same blob as redseg.data.prepared_set.image_blob, and tools/benchmark.py runs end to end.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import pytest
 from loss_nets import make_net, run
 
 from redseg import config as C
-from redseg.reference_losses import reference_fnfp, reference_lambda, reference_topk
-from redseg.topk_schedule import kept_negatives
+from redseg.model.reference_losses import reference_fnfp, reference_lambda, reference_topk
+from redseg.model.topk_schedule import kept_negatives
 
 S, M = C.LAMBDA_PERIOD, C.SCHEDULES["paper"].stage1.max_iter
 PAPER = {"lambda0": C.LAMBDA0, "period": S, "max_iter": M}
@@ -264,8 +264,8 @@ def test_nan_logits_stop_the_forward_pass(caffe, tmp_path):
 
 
 def test_data_layer_output_equals_image_blob(caffe, tmp_path, tiny_set):
-    """The channel-first cache and fused subtraction give exactly redseg.prepared_set.image_blob's blob."""
-    from redseg.prepared_set import image_blob, load_sample, mean_bgr, read_list
+    """The channel-first cache and fused subtraction give exactly redseg.data.prepared_set.image_blob's blob."""
+    from redseg.data.prepared_set import image_blob, load_sample, mean_bgr, read_list
 
     path = tmp_path / "data.prototxt"
     param = json.dumps({"list": str(tiny_set / "train.txt"), "shuffle": False})
@@ -292,7 +292,7 @@ def test_benchmark_tool_runs_and_writes_the_json(tmp_path, venv_python):
     import subprocess
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     out = tmp_path / "bench.json"
     cmd = [venv_python, str(repo / "tools" / "benchmark.py"), "--size", "48x64", "--repeats", "1"]
     cmd += ["--fast-repeats", "2", "--warmup", "0", "--json", str(out), "-q"]
@@ -310,4 +310,4 @@ def test_benchmark_tool_runs_and_writes_the_json(tmp_path, venv_python):
         assert {"conv1_1", "loss_ma_fuse", "loss_he_conv5"} <= names
     assert r["data_layer_ms"]["median"] > 0 and r["forward_s"]["median"] > 0 and r["scoring_s"]["median"] > 0
     assert r["peak_rss_mb"] > 0 and "targets" not in r  # the targets are in docs/performance.md
-    assert r["blas"]["summary"] in proc.stdout and r["blas"]["core"], r["blas"]  # redseg/blas.py
+    assert r["blas"]["summary"] in proc.stdout and r["blas"]["core"], r["blas"]  # redseg/toolchain/blas.py

@@ -9,7 +9,7 @@ import pytest
 from loss_nets import NET, make_net, run
 
 from redseg import config as C
-from redseg.reference_losses import reference_fnfp, reference_lambda, reference_topk
+from redseg.model.reference_losses import reference_fnfp, reference_lambda, reference_topk
 
 
 def spaced_logits(rng, shape, scale=3.0):

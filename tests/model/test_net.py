@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from redseg import config as C
-from redseg.caffe_utils import load_net, read_net_param
-from redseg.net import NetOptions, generate, loss_names, redseg
+from redseg.model.net import NetOptions, generate, loss_names, redseg
+from redseg.toolchain.caffe_utils import load_net, read_net_param
 
-REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
 def test_committed_prototxts_equal_generator_output(tmp_path):
@@ -98,7 +98,7 @@ def test_table5_ablations_build(caffe, tmp_path, variant, tiny_set):
 
 def test_negatives_in_fov_net_feeds_the_fov_to_every_topk_loss(caffe, tmp_path):
     """The open choice "lambda counts only the negatives inside the field of view": the data layer's
-    fov top is redseg.fov's mask of the sample, and each Top-k layer keeps ceil(lambda0 * N-) of
+    fov top is redseg.data.fov's mask of the sample, and each Top-k layer keeps ceil(lambda0 * N-) of
     the negatives inside it."""
     import json
     import math
@@ -106,8 +106,8 @@ def test_negatives_in_fov_net_feeds_the_fov_to_every_topk_loss(caffe, tmp_path):
     import cv2
     from conftest import write_prepared_set
 
-    from redseg.fov import fov_mask
-    from redseg.prepared_set import list_path, read_list
+    from redseg.data.fov import fov_mask
+    from redseg.data.prepared_set import list_path, read_list
 
     data = write_prepared_set(tmp_path / "set", n=2, size=(96, 72), seed=4)
     yy, xx = np.mgrid[:72, :96]

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 from redseg import config as C
-from redseg import vgg16
-from redseg.caffe_utils import CaffeInputError, check_weights, load_net, read_net_param
+from redseg.model import vgg16
+from redseg.toolchain.caffe_utils import CaffeInputError, check_weights, load_net, read_net_param
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CONVS = list(vgg16.conv_shapes())  # conv1_1 ... conv5_3
 
 
@@ -257,7 +257,7 @@ def test_conversion_cached_in_cache_folder_when_source_folder_is_read_only(
     # Root ignores permission bits, so the read-only folder is simulated at the writability probe.
     monkeypatch.setattr(vgg16, "_writable", lambda folder: False)
     monkeypatch.setenv("REDSEG_CACHE", str(tmp_path / "cache"))
-    caplog.set_level("INFO", logger="redseg.vgg16")
+    caplog.set_level("INFO", logger="redseg.model.vgg16")
     out = vgg16.prepare_weights(keras_file)
     assert out == tmp_path / "cache" / "vgg16" / f"{md5(keras_file)}.caffemodel"
     vgg16.validate_caffemodel(out)
@@ -265,8 +265,8 @@ def test_conversion_cached_in_cache_folder_when_source_folder_is_read_only(
 
 
 def test_stage1_initialises_from_keras_file(caffe, tmp_path, keras_file, keras_convs):
-    """redseg/train.py's stage-1 spot takes the Keras file as --weights and copies the 13 convs."""
-    from redseg.train import StageRun, _init_weights
+    """redseg/training/train.py's stage-1 spot takes the Keras file as --weights and copies the 13 convs."""
+    from redseg.training.train import StageRun, _init_weights
 
     src = tmp_path / "vgg16.h5"
     shutil.copy(keras_file, src)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from redseg import config as C
-from redseg.caffe_utils import CaffeInputError, check_weights, load_net
+from redseg.toolchain.caffe_utils import CaffeInputError, check_weights, load_net
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def vgg_like_v1_model(path: Path, wrong: str | None = None) -> Path:
@@ -44,7 +44,7 @@ def test_legacy_vgg16_file_is_accepted_and_copied(caffe, tmp_path):
     model = vgg_like_v1_model(tmp_path / "vgg.caffemodel")
     assert fetch("--check", model).returncode == 0
     net = load_net(REPO / "prototxt" / "deploy.prototxt")
-    from redseg.train import VGG16_LAYERS
+    from redseg.training.train import VGG16_LAYERS
 
     copied = check_weights(model, net, strict=False, required=VGG16_LAYERS)
     assert sorted(copied) == sorted(VGG16_LAYERS)

@@ -1,4 +1,4 @@
-"""A minimal Python loss layer used only by tests/test_caffe_floor.py (half the squared error)."""
+"""A minimal Python loss layer used only by tests/toolchain/test_caffe_floor.py (half the squared error)."""
 
 import caffe
 import numpy as np

@@ -1,4 +1,4 @@
-"""redseg.blas: the OpenBLAS core that Caffe runs, chosen at setup and applied before Caffe loads.
+"""redseg.toolchain.blas: the OpenBLAS core that Caffe runs, chosen at setup and applied before Caffe loads.
 
 Everything runs against the real library that this Caffe links, in subprocesses where a fresh
 OpenBLAS start is needed (it reads OPENBLAS_CORETYPE only when it loads). A failing library is
@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from redseg import blas
+from redseg.toolchain import blas
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 AVX512_CPU = {
     "vendor": "GenuineIntel",
     "family": "6",
@@ -69,7 +69,7 @@ def _child(code: str, env: dict) -> dict:
 
 CONFIGURE_THEN_IMPORT = """
 import json, os
-from redseg import blas
+from redseg.toolchain import blas
 st = blas.configure(path={path!r}, allow_probe=False, announce=False)
 import caffe
 print(json.dumps({{"status": st, "env": os.environ.get("OPENBLAS_CORETYPE"), "running": blas.running_core()}}))
@@ -252,9 +252,9 @@ def test_the_first_log_line_of_a_caffe_tool_names_the_core(tmp_path):
     """import_caffe announces the BLAS core once, before anything else Caffe-related."""
     code = (
         "import logging; logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')\n"
-        "from redseg.caffe_utils import import_caffe\n"
+        "from redseg.toolchain.caffe_utils import import_caffe\n"
         "import_caffe(); import_caffe()\n"
-        "from redseg import blas; import json; print(json.dumps(blas.describe()))\n"
+        "from redseg.toolchain import blas; import json; print(json.dumps(blas.describe()))\n"
     )
     env = {k: v for k, v in os.environ.items()}
     env["PYTHONPATH"] = str(REPO)

@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from redseg.caffe_utils import CaffeInputError, check_net_param, load_net, read_net_param
+from redseg.toolchain.caffe_utils import CaffeInputError, check_net_param, load_net, read_net_param
 
 TINY_NET = """
 name: "tiny"

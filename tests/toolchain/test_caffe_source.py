@@ -1,4 +1,4 @@
-"""The Caffe source chain of `make setup` (redseg/caffe_source.py, tools/setup.sh).
+"""The Caffe source chain of `make setup` (redseg/toolchain/caffe_source.py, tools/setup.sh).
 
 Nothing here downloads: the "download" is a ``file://`` URL, and the real Caffe source these tests
 use is the pristine copy that `make setup` keeps beside the build the tests run on
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from redseg import caffe_source as cs
 from redseg.fileio import file_digest
+from redseg.toolchain import caffe_source as cs
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""redseg/grad_study.py and tools/stage2_lr_study.py on a tiny prepared set with real pycaffe.
+"""redseg/training/grad_study.py and tools/stage2_lr_study.py on a tiny prepared set with real pycaffe.
 
 What the study reports must be what the nets compute: the per-layer gradient norms are those of
 the nets' own parameter diffs, FNFPLoss's gradient at the fused logit is 2 (p - y) p (1 - p), a
@@ -23,7 +23,7 @@ def study_set(tmp_path_factory):
 @pytest.fixture(scope="module")
 def weights(caffe, study_set, tmp_path_factory):
     """A stage-1 net's random initial weights, saved (fillers seeded), so that both nets share them."""
-    from redseg.net import NetOptions, redseg
+    from redseg.model.net import NetOptions, redseg
 
     d = tmp_path_factory.mktemp("grad_study_weights")
     path = d / "net.prototxt"
@@ -39,13 +39,13 @@ def weights(caffe, study_set, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def result(caffe, study_set, weights, tmp_path_factory):
-    from redseg.grad_study import measure
+    from redseg.training.grad_study import measure
 
     return measure(weights, study_set, tmp_path_factory.mktemp("work"), {1: 1e-7, 2: 1e-8}, n_images=1)
 
 
 def test_fnfp_logit_gradient_is_the_formula(caffe, study_set, weights, tmp_path):
-    from redseg.grad_study import build_train_net, fnfp_logit_grad, sigmoid
+    from redseg.training.grad_study import build_train_net, fnfp_logit_grad, sigmoid
 
     net, _ = build_train_net(2, study_set, tmp_path, weights)
     net.forward()
@@ -63,7 +63,7 @@ def test_fnfp_logit_gradient_is_the_formula(caffe, study_set, weights, tmp_path)
 
 
 def test_reported_layer_norms_equal_the_nets_diffs(caffe, study_set, weights, result, tmp_path):
-    from redseg.grad_study import build_train_net
+    from redseg.training.grad_study import build_train_net
 
     for stage in (1, 2):
         net, mults = build_train_net(stage, study_set, tmp_path, weights)
@@ -101,7 +101,7 @@ def test_pixel_sums_are_the_fuse_bias_gradient(result):
 
 
 def test_branch_gradients_add_up(caffe, study_set, weights, tmp_path):
-    from redseg.grad_study import backward_param_grads, build_train_net
+    from redseg.training.grad_study import backward_param_grads, build_train_net
 
     net, _ = build_train_net(1, study_set, tmp_path, weights)
     net.forward()
@@ -144,7 +144,7 @@ def test_pred_map_stats_reads_what_test_net_writes(caffe, study_set, weights, tm
 
     from conftest import REPO
 
-    from redseg.grad_study import map_stats, pred_map_stats
+    from redseg.training.grad_study import map_stats, pred_map_stats
 
     spec = importlib.util.spec_from_file_location("test_net_tool", REPO / "tools" / "test_net.py")
     tool = importlib.util.module_from_spec(spec)

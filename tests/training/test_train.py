@@ -14,9 +14,9 @@ import pytest
 from conftest import write_prepared_set
 
 from redseg import config as C
-from redseg.topk_schedule import topk_lambda
+from redseg.model.topk_schedule import topk_lambda
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SMOKE = C.SCHEDULES["smoke"]
 
 
@@ -77,7 +77,7 @@ def test_two_stages_write_snapshots_logs_and_final_weights(two_stage_run):
 
 def test_stage2_starts_from_stage1_weights(caffe, two_stage_run):
     """Stage 2's first iteration is computed with stage 1's final weights: equal at a frozen layer."""
-    from redseg.caffe_utils import read_caffemodel
+    from redseg.toolchain.caffe_utils import read_caffemodel
 
     a = read_caffemodel(two_stage_run / "stage1_final.caffemodel")
     b = read_caffemodel(two_stage_run / "stage2_final.caffemodel")
@@ -178,7 +178,7 @@ def test_vgg16_init_copies_encoder(caffe, tmp_path, tiny_set):
     """A VGG16-shaped model (13 convs by name, plus an fc layer Caffe ignores) initialises stage 1."""
     from caffe import layers as L
 
-    from redseg.net import conv_relu, max_pool
+    from redseg.model.net import conv_relu, max_pool
 
     n = caffe.NetSpec()
     n.data = L.Input(shape=dict(dim=[1, 3, 32, 32]))
@@ -236,7 +236,7 @@ def test_bad_training_file_stops_with_its_name(tmp_path, tiny_set, damage):
 
 def test_nan_loss_stops_with_a_clear_error(caffe, tmp_path, tiny_set):
     """A diverging run (absurd lr) stops at the first non-finite loss and names the last snapshot."""
-    from redseg.train import StageRun, TrainingError, train_stage
+    from redseg.training.train import StageRun, TrainingError, train_stage
 
     wild = C.TrainingSchedule(
         "wild", C.StageSchedule(10.0, 20, 2), C.StageSchedule(1.0, 2, 2), 4, "diverges on purpose"
@@ -253,7 +253,7 @@ def test_force_retrain_archives_old_outputs_and_snapshots_its_own_final(caffe, t
     The schedule's max_iter (5) is not a multiple of its snapshot interval (2), as in the paper
     (97,200 vs 10,000): the final weights must come from this run's own last iteration.
     """
-    from redseg.train import StageRun, train_stage
+    from redseg.training.train import StageRun, train_stage
 
     odd = C.TrainingSchedule(
         "odd", C.StageSchedule(1e-6, 5, 2), C.StageSchedule(1e-7, 2, 2), 4, "max_iter not a multiple"
@@ -318,8 +318,8 @@ def test_budgets_replace_the_schedule_and_are_recorded(tmp_path, tiny_set):
 def test_test_loss_curve_is_the_train_nets_loss_on_the_test_list(caffe, two_stage_run, one_image):
     """Fig. 6: every test_interval iterations (and at 0 and the end) the mean over the test images of
     the train net's losses; the last row equals the losses of the final weights recomputed here."""
-    from redseg.caffe_utils import import_caffe
-    from redseg.prepared_set import list_path, read_list
+    from redseg.data.prepared_set import list_path, read_list
+    from redseg.toolchain.caffe_utils import import_caffe
 
     rows = read_log(two_stage_run / "stage1_test_log.csv")
     assert [r["iter"] for r in rows] == [0, 5, 10]
