@@ -1,8 +1,8 @@
 """Red-Seg in Caffe: the library behind tools/, python_layers/ and tests/.
 
-Subpackages by pipeline stage, bottom-up as the data flows; each may import only the ones above it
-in this list and the top-level modules (config: the paper's constants; fileio: atomic writes; cli:
-the tools' shared argument parser). docs/architecture.md draws the whole picture.
+Subpackages by pipeline stage, bottom-up as the data flows; each imports only stages above it in
+this list (docs/architecture.md says which ones) and the top-level modules: config (the paper's
+constants), fileio (atomic writes), cli (the tools' shared argument parser).
 
     toolchain    where Caffe comes from, which BLAS kernels it runs, how it is imported
     data         data sets on disk -> prepared sets (and the field of view)
