@@ -9,10 +9,17 @@
   python tools/reproduce.py [--idrid DIR] [--run runs/reproduce] [--schedule demo|paper|smoke]
                             [--weights VGG16] [--from-scratch] [--gpus 0 1 ...] [--only NAME ...]
 
+  make reproduce LAUNCHER=slurm SBATCH="--partition=gpu --gres=gpu:1 --time=4:00:00"
+  python tools/reproduce.py ... --launcher slurm [--sbatch "..."] [--signal-seconds 300]
+
 Each experiment runs tools/train.py and tools/test_net.py in its own folder under --run; then
 reproduction.md / reproduction.json and the two figures are written there. Running it again skips
 finished experiments and resumes interrupted ones from their snapshots. Exit status 1 when an
 experiment failed (it is reported in the tables; the others still ran).
+
+--launcher slurm prepares the data here, submits the unfinished experiments as a SLURM job array
+(a stage-2 experiment after its stage-1 task, --dependency) and a gathering job that writes the
+tables when they end, prints the job ids and how to follow them, and returns (docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from redseg import cli  # noqa: E402
 from redseg import config as C  # noqa: E402
 from redseg.experiments.reproduce import EXPERIMENTS  # noqa: E402
+from redseg.experiments.slurm import DEFAULT_SIGNAL_SECONDS, LAUNCHERS  # noqa: E402
 
 DEFAULT_VGG16 = Path("models/vgg16/VGG_ILSVRC_16_layers.caffemodel")
 # The synthetic set per schedule: (HxW of the photographs, (train, test) counts). The demo's is
@@ -55,6 +63,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synthetic-size", type=cli.size, help="HxW of the synthetic photographs (default: see above)")
     ap.add_argument("--synthetic-count", type=_pair, help="TRAIN,TEST synthetic photographs (default: see above)")
     ap.add_argument("--assemble-only", action="store_true", help="rebuild the tables and figures, train nothing")
+    slurm = ap.add_argument_group("SLURM (docs/cluster.md)")
+    slurm.add_argument(
+        "--launcher", choices=LAUNCHERS, default="local", help="local (default): run here; slurm: sbatch"
+    )
+    slurm.add_argument(
+        "--sbatch", metavar="OPTIONS", help='sbatch options for every job, e.g. "--partition=gpu --gres=gpu:1"'
+    )
+    slurm.add_argument(
+        "--gather-sbatch", metavar="OPTIONS", help="sbatch options of the gathering job (default: --sbatch's)"
+    )
+    slurm.add_argument(
+        "--signal-seconds",
+        type=int,
+        default=DEFAULT_SIGNAL_SECONDS,
+        help=f"SIGUSR1 this long before the time limit: snapshot and requeue (default {DEFAULT_SIGNAL_SECONDS})",
+    )
+    slurm.add_argument("--slurm-task", action="store_true", help="(the batch script's) run the --only experiment here")
+    slurm.add_argument("--slurm-gather", action="store_true", help="(the gathering job's) report the tasks, assemble")
     args = cli.parse(ap, argv)
     return cli.run(lambda: run(args), ap.prog)
 
@@ -129,6 +155,7 @@ def environment(gpus: list[int]) -> dict:
 
 
 def run(args) -> int:
+    from redseg.experiments import slurm
     from redseg.experiments.reproduce import Settings, check_settings, run_all, save_settings
     from redseg.experiments.reproduction import assemble
 
@@ -138,6 +165,12 @@ def run(args) -> int:
     synthetic = args.idrid is None
     args.schedule = args.schedule or ("demo" if synthetic else "paper")
     schedule = C.SCHEDULES[args.schedule]
+    if args.launcher == "slurm" and args.gpus:
+        raise ValueError(
+            "GPUS= is for one machine; with LAUNCHER=slurm each task gets its GPU from SBATCH='--gres=gpu:1'"
+        )
+    if args.slurm_task and (not args.only or len(args.only) != 1):
+        raise ValueError("--slurm-task runs one experiment: --only NAME")
     weights = None
     if not (synthetic or args.from_scratch):
         weights = args.weights or DEFAULT_VGG16
@@ -146,13 +179,23 @@ def run(args) -> int:
                 f"no ImageNet VGG16 weights at {weights}: run `make vgg16` (docs/weights.md), pass "
                 "VGG16=/path (--weights), or FROM_SCRATCH=1 (--from-scratch; not the paper's setting)"
             )
+        weights = weights.resolve()  # SLURM tasks run from the repository, not from here
     gt, data = data_paths(args)
     s = Settings(args.run, gt, data, schedule, weights, synthetic, progress=cli.show_progress(args))
     check_settings(s)  # before anything is written
+    if args.slurm_task:
+        return run_task(s, experiments[0], args.gpus)
+    if args.slurm_gather:
+        return gather(s, args)
     if not args.assemble_only:
+        slurm.refuse_if_active(args.run)  # its experiments are SLURM's until those jobs end
+        if args.launcher == "slurm":
+            slurm.require("sbatch")
         args.run.mkdir(parents=True, exist_ok=True)
         prepare_data(args, gt, {e.mask_rule: data[e.mask_rule] for e in experiments})
     save_settings(s)
+    if args.launcher == "slurm" and not args.assemble_only:
+        return submit(s, args, experiments)
     outcomes = []
     if not args.assemble_only:
         outcomes = run_all(s, experiments, args.gpus)
@@ -166,6 +209,78 @@ def run(args) -> int:
     if bad and not args.only:
         logging.warning("experiments without results: %s", ", ".join(bad))
     return 0
+
+
+# --- LAUNCHER=slurm (redseg/experiments/slurm.py, docs/cluster.md) ---------------------------------
+
+
+def runner_argv(args) -> list[str]:
+    """This run folder's reproduction as a command line for the SLURM jobs, without --only: a task
+    adds ``--only NAME --slurm-task``, the gathering job ``--slurm-gather``. Every path absolute."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--no-progress", "--run", str(args.run)]
+    argv += ["--schedule", args.schedule]
+    if args.idrid is not None:
+        argv += ["--idrid", str(args.idrid.resolve())]
+    if args.from_scratch:
+        argv += ["--from-scratch"]
+    elif args.idrid is not None:
+        argv += ["--weights", str((args.weights or DEFAULT_VGG16).resolve())]
+    if args.synthetic_size:
+        argv += ["--synthetic-size", "x".join(map(str, args.synthetic_size))]
+    if args.synthetic_count:
+        argv += ["--synthetic-count", ",".join(map(str, args.synthetic_count))]
+    return argv
+
+
+def submit(s, args, experiments) -> int:
+    """Submit the unfinished experiments (the data is prepared already, here) and the gathering job."""
+    from redseg.experiments import slurm
+    from redseg.experiments.reproduce import finished
+
+    record = slurm.submit(
+        s.run,
+        experiments,
+        lambda e: finished(s.folder(e), e),
+        runner_argv(args),
+        sbatch_options=args.sbatch,
+        gather_options=args.gather_sbatch,
+        signal_seconds=args.signal_seconds,
+        job_name=f"redseg-{s.run.name}",
+    )
+    print(slurm.follow(s.run, record))
+    return 0
+
+
+def run_task(s, exp, gpus: list[int]) -> int:
+    """One experiment inside a SLURM task: the local runner's own path for it (the same folder,
+    records and stamp), without preparing data (the submission did) or assembling (the gathering
+    job does). Exits 75 when SIGUSR1/SIGTERM stopped it with a snapshot (the batch script requeues)."""
+    from redseg.experiments.reproduce import run_all
+    from redseg.fileio import is_complete
+
+    data = s.data[exp.mask_rule]
+    if not is_complete(data):
+        raise FileNotFoundError(f"prepared set {data} is not there: the submission prepares it (submit again)")
+    s.progress = False
+    outcomes = run_all(s, [exp], gpus)
+    return 0 if all(o.status in ("done", "skipped") for o in outcomes) else 1
+
+
+def gather(s, args) -> int:
+    """The gathering job: every task of the latest submission that did not finish gets a record
+    saying why (redseg.experiments.slurm.reconcile), then the tables and figures. Exit status 1
+    when one of them did not finish (the job's state then says so)."""
+    from redseg.experiments import slurm
+    from redseg.experiments.reproduce import finished
+    from redseg.experiments.reproduction import assemble
+
+    written = slurm.reconcile(
+        s.run, EXPERIMENTS, lambda e: finished(s.folder(e), e), lambda e: s.folder(e) / "experiment.json"
+    )
+    seconds = slurm.submission_seconds(s.run) or 0.0
+    assemble(s, {**environment([]), "launcher": "slurm"}, seconds)
+    print(f"\n{s.run / 'reproduction.md'}")
+    return 1 if written else 0
 
 
 if __name__ == "__main__":
