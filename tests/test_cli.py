@@ -6,6 +6,9 @@ import argparse
 import ast
 import importlib.util
 import logging
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +49,43 @@ def test_run_maps_errors_to_exit_codes(capsys):
     assert "interrupted" in capsys.readouterr().err
     with pytest.raises(TypeError):  # a bug is not an input error: it keeps its traceback
         cli.run(fails(TypeError("bug")), "tool.py")
+
+
+def _wait(cond) -> None:
+    deadline = time.time() + 5
+    while not cond() and time.time() < deadline:
+        time.sleep(0.001)
+
+
+def test_stop_signals_ask_for_a_stop_and_preempted_exits_75(capsys):
+    """SIGUSR1/SIGTERM set the flag (the first one decides; repeats change nothing), a Ctrl-C
+    after that stops at once; the old handlers come back; Preempted is exit status 75."""
+    before = signal.getsignal(signal.SIGUSR1)
+    with cli.StopSignals(interrupt=True) as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGUSR1)
+        _wait(lambda: stop.requested)
+        assert stop.preempted and stop.signal_name == "SIGUSR1"
+        os.kill(os.getpid(), signal.SIGTERM)  # a forwarded repeat or SLURM's SIGTERM: still stopping
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)
+        assert stop.signal_name == "SIGUSR1"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            _wait(lambda: False)
+    assert signal.getsignal(signal.SIGUSR1) is before
+    with cli.StopSignals() as stop:  # without interrupt=True Ctrl-C keeps its usual meaning
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            _wait(lambda: False)
+        assert not stop.requested
+
+    def preempted():
+        raise cli.Preempted("stage 1 preempted at iteration 5")
+
+    assert cli.EXIT_PREEMPTED == 75
+    assert cli.run(preempted, "tool.py") == 75
+    assert capsys.readouterr().err == ""  # the one line is logged where it was raised
 
 
 def test_quiet_and_progress_flags():

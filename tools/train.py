@@ -8,6 +8,12 @@ Re-running a stage resumes from its latest snapshot (Ctrl-C writes one); a finis
 trained again unless --force. --max-iter / --base-lr replace the schedule's values for a short
 trial (recorded in <run>/stage<N>_run.json; the run is then not at the paper's settings). Every
 schedule's test interval, the train net's losses on the test list go to <run>/stage<N>_test_log.csv.
+
+Exit status: 0 finished; 1 bad input or a failure (one line on stderr); 130 Ctrl-C (the first one
+snapshots); 75 (EXIT_PREEMPTED) stopped by SIGUSR1 or SIGTERM at the end of an iteration with a
+snapshot: preempted, resumable, run the same command again (a SLURM job requeues on it).
+Snapshots are written whole or not at all, and a resume skips one cut short
+(docs/training.md#preemption-and-snapshots).
 """
 
 from __future__ import annotations

@@ -7,6 +7,19 @@ per-run copies of the solver and train net into the run folder (absolute paths, 
 resolves paths against the working directory; the data list and the schedule filled in), then
 steps the solver one iteration at a time so it can show progress, log every loss to CSV, stop on a
 NaN, and snapshot on Ctrl-C.
+
+Preemption (docs/training.md#preemption-and-snapshots): SIGUSR1 or SIGTERM, as a batch scheduler
+sends before a time limit or when it preempts a job, stops training at the end of the current
+iteration with a snapshot, like the first Ctrl-C, and the tool exits with :data:`EXIT_PREEMPTED`
+(75) so that the job can be requeued; the requeued run resumes from that snapshot and ends with
+the same weights as an uninterrupted one.
+
+Snapshots are whole files or nothing, because a scheduler's SIGKILL may land while one is being
+written: the driver takes snapshotting over from Caffe (the run's solver says ``snapshot: 0`` and
+the driver snapshots at the schedule's multiples itself, after logging the iteration), Caffe writes
+each snapshot into a staging folder, and the driver moves it into the run folder under the usual
+names, weights first and solver state last (:func:`write_snapshot`). An automatic resume takes the
+newest snapshot that reads whole and says which ones it skipped (:func:`resumable_snapshot`).
 """
 
 from __future__ import annotations
@@ -16,15 +29,15 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from redseg import config as C
+from redseg.cli import EXIT_PREEMPTED, Preempted, StopSignals
 from redseg.data.prepared_set import list_path, read_list, read_meta
 from redseg.fileio import atomic_path, write_json, write_text
 from redseg.model.vgg16 import prepare_weights as prepare_vgg16
@@ -34,11 +47,14 @@ from redseg.toolchain.caffe_utils import (
     check_net_param,
     check_weights,
     import_caffe,
-    read_binary_proto,
     set_mode,
 )
 
 log = logging.getLogger(__name__)
+
+# The tool's exit status when SIGUSR1/SIGTERM stopped training with a snapshot ("preempted,
+# resumable"): a SLURM job requeues on it (redseg.cli, where every tool's statuses are defined).
+__all__ = ["EXIT_PREEMPTED", "StageRun", "TrainingError", "train_stage"]
 
 VGG16_LAYERS = tuple(f"{stage}_{i}" for stage, _, n in C.VGG16_CONVS for i in range(1, n + 1))
 
@@ -191,9 +207,16 @@ def materialise(run: StageRun) -> Path:
         theirs = getattr(sp, key)
         if sp.HasField(key) and not math.isclose(theirs, ours):
             log.warning("%s: %s %g replaced by %g from --schedule %s", template, key, theirs, ours, run.schedule.name)
+    if sp.snapshot_format != caffe_pb2.SolverParameter.BINARYPROTO:
+        log.warning("%s: snapshot_format replaced by BINARYPROTO (the driver checks and moves snapshots)", template)
     sp.net = str(run_net.resolve())
-    sp.base_lr, sp.max_iter, sp.snapshot = st.base_lr, st.max_iter, st.snapshot
-    sp.snapshot_prefix = str(run.prefix.resolve())
+    sp.base_lr, sp.max_iter = st.base_lr, st.max_iter
+    # The driver snapshots at the schedule's multiples itself (write_snapshot): Caffe must not do it
+    # inside solver.step(), where it writes the run folder's files in place. Caffe writes into the
+    # staging folder; the files users see keep their names (stage<N>_iter_<i>.*) and iterations.
+    sp.snapshot = 0
+    sp.snapshot_format = caffe_pb2.SolverParameter.BINARYPROTO
+    sp.snapshot_prefix = str((staging_dir(run) / run.prefix.name).resolve())
     sp.display = 0  # the driver reports progress itself
     sp.solver_mode = caffe_pb2.SolverParameter.GPU if run.gpu is not None else caffe_pb2.SolverParameter.CPU
     run_solver = run.run_dir / f"stage{run.stage}_solver.prototxt"
@@ -264,13 +287,173 @@ def topk_lambda_at(run: StageRun, it: int) -> float:
     return topk_lambda(max(it, 1), C.LAMBDA0, run.schedule.lambda_period, run.schedule.stage1.max_iter)
 
 
-def latest_solverstate(run: StageRun) -> Path | None:
+def _snapshots(run: StageRun) -> list[tuple[int, Path]]:
+    """This stage's solver states in the run folder, newest first: (iteration in the name, path)."""
     states = []
     for p in run.run_dir.glob(f"stage{run.stage}_iter_*.solverstate"):
         m = re.search(r"_iter_(\d+)\.solverstate$", p.name)
-        if m and p.with_suffix(".caffemodel").is_file():
+        if m:
             states.append((int(m.group(1)), p))
-    return max(states)[1] if states else None
+    return sorted(states, reverse=True)
+
+
+def latest_solverstate(run: StageRun) -> Path | None:
+    """The newest solver state with its weights beside it (named in messages; not checked)."""
+    return next((p for _, p in _snapshots(run) if p.with_suffix(".caffemodel").is_file()), None)
+
+
+def staging_dir(run: StageRun) -> Path:
+    """Where Caffe writes a snapshot before the driver moves it into the run folder (a hidden
+    folder in the run folder, so that the moves are renames on one file system)."""
+    return run.run_dir / f".stage{run.stage}-snapshot"
+
+
+def _sync(path: Path) -> None:
+    """Flush a file's (or a folder's) data to disk: a rename is then never seen before the data it
+    names, even after a crash of the machine (a SIGKILL alone cannot lose written data)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_snapshot(run: StageRun, solver) -> Path:
+    """Snapshot the solver as whole files: ``stage<N>_iter_<i>.caffemodel`` and ``.solverstate`` in
+    the run folder appear complete or not at all. Returns the solver state's path.
+
+    Caffe writes both into :func:`staging_dir` (the run's snapshot_prefix points there). A
+    .solverstate names the weights file Caffe restores from (``learned_net``), so it is rewritten
+    to the final name before anything moves; then the weights are renamed into place and the solver
+    state last: the solver state is the commit point, and a kill between the two renames leaves an
+    orphaned .caffemodel that nothing resumes from (auto-resume starts from solver states) and the
+    next snapshot of that iteration replaces.
+    """
+    from caffe.proto import caffe_pb2
+
+    staging = staging_dir(run)
+    staging.mkdir(parents=True, exist_ok=True)
+    solver.snapshot()
+    name = f"{run.prefix.name}_iter_{solver.iter}"
+    tmp_model, tmp_state = staging / f"{name}.caffemodel", staging / f"{name}.solverstate"
+    model, state = run.run_dir / tmp_model.name, run.run_dir / tmp_state.name
+    msg = caffe_pb2.SolverState()
+    msg.ParseFromString(tmp_state.read_bytes())
+    msg.learned_net = str(model.resolve())
+    tmp_state.write_bytes(msg.SerializeToString())
+    _sync(tmp_model)
+    _sync(tmp_state)
+    os.replace(tmp_model, model)
+    os.replace(tmp_state, state)
+    _sync(run.run_dir)
+    staging.rmdir()  # empty again: nothing of this snapshot is left behind
+    return state
+
+
+def _weights_problem(path: Path, net) -> str | None:
+    """Why ``path`` cannot restore ``net``'s weights (missing, cut short, another net's), or None."""
+    from caffe.proto import caffe_pb2
+    from google.protobuf.message import DecodeError
+
+    if not path.is_file():
+        return f"its weights file is missing: {path}"
+    param = caffe_pb2.NetParameter()
+    try:
+        param.ParseFromString(path.read_bytes())
+    except DecodeError as e:
+        return f"its weights file {path} is not a whole Caffe model ({e})"
+    have = {layer.name: list(layer.blobs) for layer in param.layer}
+    for name, blobs in net.params.items():
+        got = have.get(name)
+        if got is None or len(got) != len(blobs):
+            return f"its weights file {path} lacks layer '{name}' (cut short?)"
+        for b, want in zip(got, blobs, strict=True):
+            if len(b.data) != want.data.size:
+                return f"its weights file {path} holds {len(b.data)} values for '{name}', expected {want.data.size}"
+    return None
+
+
+def snapshot_weights(state_path: Path) -> Path:
+    """The weights a snapshot resumes with: the .caffemodel beside its .solverstate, of the same
+    name, as Caffe always writes the pair, rather than the path the state records
+    (``learned_net``, absolute): a run folder copied or moved elsewhere still records the old path,
+    and Caffe would restore from there, silently, if that old folder still exists."""
+    return state_path.with_suffix(".caffemodel").resolve()
+
+
+def snapshot_problem(state_path: Path, net) -> str | None:
+    """Why the snapshot ``state_path`` cannot be resumed from, or None when it reads whole: the
+    solver state parses, its iteration is the one in its name, its momentum history fits ``net``,
+    and its weights file (:func:`snapshot_weights`) exists and holds every parameter of ``net``.
+
+    Caffe's restore aborts the process (a glog CHECK) on any of these, or silently keeps the
+    initial weights of a layer missing from a cut-short .caffemodel; hence the checks first.
+    """
+    from caffe.proto import caffe_pb2
+    from google.protobuf.message import DecodeError
+
+    state = caffe_pb2.SolverState()
+    try:
+        state.ParseFromString(state_path.read_bytes())
+    except OSError as e:
+        return f"cannot read it: {e.strerror or e}"
+    except DecodeError as e:
+        return f"not a whole Caffe solver state ({e})"
+    if not state.learned_net:
+        return "not a Caffe .solverstate (no learned_net)"
+    m = re.search(r"_iter_(\d+)\.solverstate$", state_path.name)
+    if m and state.iter != int(m.group(1)):
+        return f"it holds iteration {state.iter}, its name says {m.group(1)}"
+    params = [b for blobs in net.params.values() for b in blobs]
+    hist = list(state.history)
+    if not hist or len(hist) % len(params):  # SGD keeps one history blob per parameter, Adam two
+        return f"{len(hist)} history blobs, the net has {len(params)} parameter blobs (cut short?)"
+    for i, h in enumerate(hist):
+        if len(h.data) != params[i % len(params)].data.size:
+            return f"history blob {i} holds {len(h.data)} values, expected {params[i % len(params)].data.size}"
+    return _weights_problem(snapshot_weights(state_path), net)
+
+
+def restore(run: StageRun, solver, state_path: Path) -> None:
+    """``solver.restore`` from a checked snapshot, with the weights of :func:`snapshot_weights`:
+    when its ``learned_net`` names another file, Caffe is given a copy of the state that names
+    the right one (in the staging folder, removed after)."""
+    from caffe.proto import caffe_pb2
+
+    state = caffe_pb2.SolverState()
+    state.ParseFromString(state_path.read_bytes())
+    weights = snapshot_weights(state_path)
+    if Path(state.learned_net) == weights:
+        solver.restore(str(state_path))
+        return
+    log.warning("%s names the weights %s; resuming with %s", state_path, state.learned_net, weights)
+    state.learned_net = str(weights)
+    staging = staging_dir(run)
+    staging.mkdir(parents=True, exist_ok=True)
+    tmp = staging / state_path.name
+    tmp.write_bytes(state.SerializeToString())
+    try:
+        solver.restore(str(tmp))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def resumable_snapshot(run: StageRun, net) -> Path | None:
+    """The newest snapshot of this stage that reads whole (:func:`snapshot_problem`), or None.
+
+    A snapshot cut short (a SIGKILL while an older driver, or Caffe itself, wrote it in place; a
+    full disk) must not block the resume when a good one sits beside it: each one skipped is
+    logged with why.
+    """
+    found = _snapshots(run)
+    for _, path in found:
+        problem = snapshot_problem(path, net)
+        if problem is None:
+            return path
+        log.warning("not resuming from %s: %s", path, problem)
+    if found:
+        log.warning("stage %d: none of its %d snapshots reads whole: starting afresh", run.stage, len(found))
+    return None
 
 
 def _archive_previous(run: StageRun) -> None:
@@ -293,18 +476,6 @@ def _archive_previous(run: StageRun) -> None:
     for p in old:
         p.rename(dest / p.name)
     log.warning("stage %d starts afresh: %d earlier output files moved to %s", run.stage, len(old), dest)
-
-
-def check_solverstate(path: Path) -> None:
-    """Caffe's restore CHECK-fails on a missing or foreign file: check it first."""
-    state = read_binary_proto(path, "SolverState", "solver state")
-    if not state.learned_net:
-        raise CaffeInputError(f"{path}: not a Caffe .solverstate (no learned_net)")
-    learned = Path(state.learned_net)
-    if not learned.is_absolute():
-        learned = Path.cwd() / learned
-    if not learned.is_file():
-        raise CaffeInputError(f"{path}: the weights it refers to are missing: {state.learned_net}")
 
 
 def _topk_layers(net):
@@ -374,7 +545,11 @@ class LossLog:
 
 
 def train_stage(run: StageRun) -> Path:
-    """Run one stage to its max_iter; returns the final weights' path."""
+    """Run one stage to its max_iter; returns the final weights' path.
+
+    Raises :class:`redseg.cli.Preempted` when SIGUSR1/SIGTERM stopped it (snapshot written) and
+    KeyboardInterrupt on Ctrl-C (snapshot written on the first).
+    """
     if run.final.is_file() and not run.force:
         log.info("stage %d already finished: %s (pass --force to train it again)", run.stage, run.final)
         return run.final
@@ -383,22 +558,49 @@ def train_stage(run: StageRun) -> Path:
     validate_budget(run.base_lr, run.max_iter)
     if run.test_loss and run.stage_schedule.test_interval:
         read_list(list_path(run.data, "test"))
+    if run.resume not in (None, "auto") and not Path(run.resume).is_file():
+        raise CaffeInputError(f"solver state not found: {run.resume}")
+    # From here a scheduler's signal (or Ctrl-C) only asks to stop at the next iteration boundary:
+    # building the solver takes seconds, and dying then would not be "preempted, resumable".
+    with StopSignals(interrupt=True, stops_after="this iteration, with a snapshot") as stop:
+        return _train(run, stop, len(samples))
+
+
+def _stopped(run: StageRun, stop: StopSignals, state: Path | None, it: int, max_iter: int):
+    """Report a stop on a signal (one line) and raise what the tool turns into its exit status."""
+    if stop.preempted:
+        log.warning(
+            "%s: stage %d stopped at iteration %d of %d; %s; exit %d (preempted, resumable): run the same "
+            "command again to resume",
+            stop.signal_name, run.stage, it, max_iter,
+            f"snapshot {state}" if state else "no snapshot (nothing to resume from yet)",
+            EXIT_PREEMPTED,
+        )  # fmt: skip
+        raise Preempted(f"stage {run.stage} preempted at iteration {it}")
+    if state is not None:
+        log.warning("interrupted: snapshot %s written; run the same command again to resume", state)
+    raise KeyboardInterrupt
+
+
+def _train(run: StageRun, stop: StopSignals, n_samples: int) -> Path:
     caffe = set_mode(run.gpu)
-    resume = None
-    if run.resume == "auto":
-        resume = None if run.force else latest_solverstate(run)
-    elif run.resume:
-        resume = Path(run.resume)
-    if resume is not None:
-        check_solverstate(resume)
-    else:
-        _archive_previous(run)
+    shutil.rmtree(staging_dir(run), ignore_errors=True)  # what a kill left mid-snapshot: never trusted
     solver_path = materialise(run)
-    write_json(run.run_dir / f"stage{run.stage}_run.json", run.record())
     solver = caffe.get_solver(str(solver_path))
     net = solver.net
+    resume = None
+    if run.resume == "auto":
+        resume = None if run.force else resumable_snapshot(run, net)
+    elif run.resume:
+        resume = Path(run.resume)
+        problem = snapshot_problem(resume, net)
+        if problem:
+            raise CaffeInputError(f"{resume}: {problem}")
+    if resume is None:
+        _archive_previous(run)
+    write_json(run.run_dir / f"stage{run.stage}_run.json", run.record())
     if resume is not None:
-        solver.restore(str(resume))
+        restore(run, solver, resume)
         log.info("resumed stage %d from %s at iteration %d", run.stage, resume, solver.iter)
     else:
         _init_weights(run, net)
@@ -407,7 +609,11 @@ def train_stage(run: StageRun) -> Path:
     if solver.iter:
         _data_layer(net).skip(solver.iter)  # and the same sample sequence
     max_iter = run.stage_schedule.max_iter
+    snap_every = run.stage_schedule.snapshot
     start_iter = solver.iter
+    last_snapshot = resume if resume is not None else None  # the snapshot of the current iteration, if any
+    if stop.requested:  # a signal while the solver was being built: nothing new to save
+        _stopped(run, stop, resume, solver.iter, max_iter)
     names = [b for b in net.outputs if b.startswith("loss_")]
     loss_log = LossLog(run.run_dir / f"stage{run.stage}_log.csv", names, solver.iter)
     test = None
@@ -417,15 +623,12 @@ def train_stage(run: StageRun) -> Path:
             test()
     log.info(
         "stage %d: %d training samples, iterations %d..%d, lr %g, %s",
-        run.stage, len(samples), solver.iter + 1, max_iter, run.stage_schedule.base_lr, run.schedule.description,
+        run.stage, n_samples, solver.iter + 1, max_iter, run.stage_schedule.base_lr, run.schedule.description,
     )  # fmt: skip
     bar = _progress(run, solver.iter, max_iter)
     topk = _topk_layers(net)
-    stop = _StopAtIterationEnd()
     try:
-        while solver.iter < max_iter:
-            if stop.requested:
-                raise KeyboardInterrupt
+        while solver.iter < max_iter and not stop.requested:
             t0 = time.perf_counter()
             try:
                 solver.step(1)
@@ -434,6 +637,7 @@ def train_stage(run: StageRun) -> Path:
                     f"stage {run.stage}: {e}; training stopped at iteration {solver.iter + 1}. "
                     f"Last good snapshot: {latest_solverstate(run) or 'none'}. Check the data and the lr."
                 ) from e
+            last_snapshot = None
             dt = time.perf_counter() - t0
             vals = {n: net.blobs[n].data.item() for n in names}
             bad = [n for n, v in vals.items() if not math.isfinite(v)]
@@ -450,55 +654,31 @@ def train_stage(run: StageRun) -> Path:
             if test is not None and test.due(solver.iter, max_iter):
                 row = test()
                 log.info("iteration %d: test loss MA %.4g, HE %.4g", solver.iter, row["loss_ma"], row["loss_he"])
+            # After the iteration's log rows: a resume from this snapshot keeps exactly those rows.
+            if snap_every and solver.iter % snap_every == 0:
+                last_snapshot = write_snapshot(run, solver)
             if bar is not None:
                 post = {"MA": f"{ma:.4g}", "HE": f"{he:.4g}"}
                 if topk:
                     post["lambda"] = f"{lam:.4f}"
                 bar.set_postfix(post, refresh=False)
                 bar.update(1)
-        if stop.requested:
-            raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        loss_log.close()
-        if stop.requested:  # a clean iteration boundary: weights, solver state and log agree
-            solver.snapshot()
-            state = run.run_dir / f"stage{run.stage}_iter_{solver.iter}.solverstate"
-            log.warning("interrupted: snapshot %s written; run the same command again to resume", state)
-        raise
     finally:
-        stop.restore()
         if bar is not None:
             bar.close()
         loss_log.close()
         if test is not None:
             test.close()
-    snap_every = run.stage_schedule.snapshot
-    if solver.iter > start_iter and not (snap_every and max_iter % snap_every == 0):
-        solver.snapshot()  # Caffe snapshots only at multiples of `snapshot` (97,200 is not one)
+    if solver.iter < max_iter:  # stopped by a signal at an iteration boundary: weights, state and logs agree
+        if last_snapshot is None and solver.iter > start_iter:
+            last_snapshot = write_snapshot(run, solver)
+        _stopped(run, stop, last_snapshot or latest_solverstate(run), solver.iter, max_iter)
+    if last_snapshot is None:
+        write_snapshot(run, solver)  # the last iteration, when max_iter is no multiple of `snapshot` (97,200)
     with atomic_path(run.final) as tmp:
         shutil.copyfile(run.run_dir / f"stage{run.stage}_iter_{max_iter}.caffemodel", tmp)
     log.info("stage %d finished: %s", run.stage, run.final)
     return run.final
-
-
-class _StopAtIterationEnd:
-    """First Ctrl-C: finish the current iteration, snapshot, stop. Second Ctrl-C: stop at once."""
-
-    def __init__(self):
-        self.requested = False
-        self.old = None
-        if threading.current_thread() is threading.main_thread():
-            self.old = signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("Ctrl-C: stopping after this iteration with a snapshot (Ctrl-C again: stop without one)")
-
-    def restore(self):
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self.old)
 
 
 def _progress(run: StageRun, start: int, total: int):

@@ -18,6 +18,7 @@ from redseg.model.topk_schedule import topk_lambda
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = C.SCHEDULES["smoke"]
+SUFFIXES = ("caffemodel", "solverstate")
 
 
 def train(*args, check=True, **kw):
@@ -102,39 +103,178 @@ def test_finished_stage_is_not_retrained(two_stage_run, one_image):
     assert (two_stage_run / "stage1_final.caffemodel").stat().st_mtime_ns == before
 
 
-def test_ctrl_c_snapshots_and_resume_continues_schedule_and_data(tmp_path, tiny_set):
-    """Interrupt stage 1, resume it: lambda and the sample sequence continue, losses equal a clean run."""
-    clean = tmp_path / "clean"
-    train("--stage", 1, "--data", tiny_set, "--run", clean, "--from-scratch")
-    ref = read_log(clean / "stage1_log.csv")
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, tiny_set) -> Path:
+    """Stage 1 on the tiny set, never interrupted: what every interrupted run must end with."""
+    run = tmp_path_factory.mktemp("clean")
+    train("--stage", 1, "--data", tiny_set, "--run", run, "--from-scratch")
+    return run
 
-    run = tmp_path / "interrupted"
+
+def start_and_signal(run: Path, data: Path, sig: signal.Signals, rows: int, repeat: int = 1):
+    """Start stage 1 of tools/train.py, send ``sig`` once ``rows`` iterations are logged; returns
+    (exit status, stderr, the newest snapshot's iteration)."""
     cmd = [sys.executable, str(REPO / "tools/train.py"), "--schedule", "smoke", "--no-progress",
-           "--stage", "1", "--data", str(tiny_set), "--run", str(run), "--from-scratch"]  # fmt: skip
+           "--stage", "1", "--data", str(data), "--run", str(run), "--from-scratch"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = run / "stage1_log.csv"
     deadline = time.time() + 300
-    while time.time() < deadline:
-        if log.is_file() and len(log.read_text().splitlines()) >= 1 + 6:  # header + 6 iterations
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 1 + rows:  # header + rows
             break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+        time.sleep(0.02)
+    for _ in range(repeat):
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err
-    assert "interrupted: snapshot" in err
     states = sorted(run.glob("stage1_iter_*.solverstate"))
-    stopped = max(int(p.stem.split("_")[-1]) for p in states)
+    stopped = max((int(p.stem.split("_")[-1]) for p in states), default=0)
+    return proc.returncode, err, stopped
+
+
+def same_log(a: Path, b: Path) -> None:
+    for got, want in zip(read_log(a), read_log(b), strict=True):
+        for k in ("iter", "lambda", "loss_ma", "loss_he"):
+            assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-9, nan_ok=True), (got["iter"], k)
+
+
+def test_ctrl_c_snapshots_and_resume_continues_schedule_and_data(tmp_path, tiny_set, clean_run):
+    """Interrupt stage 1, resume it: lambda and the sample sequence continue, losses equal a clean run."""
+    run = tmp_path / "interrupted"
+    code, err, stopped = start_and_signal(run, tiny_set, signal.SIGINT, rows=6)
+    assert code == 130, err
+    assert "interrupted: snapshot" in err
     assert 6 <= stopped < SMOKE.stage1.max_iter
     assert not (run / "stage1_final.caffemodel").exists()
 
     proc = train("--stage", 1, "--data", tiny_set, "--run", run, "--from-scratch")
     assert f"at iteration {stopped}" in proc.stderr
-    rows = read_log(log)
+    rows = read_log(run / "stage1_log.csv")
     assert [int(r["iter"]) for r in rows] == list(range(1, SMOKE.stage1.max_iter + 1))
-    for got, want in zip(rows, ref, strict=True):
-        assert got["lambda"] == pytest.approx(want["lambda"])
-        for k in ("loss_ma", "loss_he"):
-            assert got[k] == pytest.approx(want[k], rel=1e-3, abs=1e-3), (got["iter"], k)
+    same_log(run / "stage1_log.csv", clean_run / "stage1_log.csv")
+
+
+@pytest.mark.parametrize("sig, repeat", [(signal.SIGUSR1, 2), (signal.SIGTERM, 1)], ids=["SIGUSR1 twice", "SIGTERM"])
+def test_preemption_signal_snapshots_exits_75_and_the_rerun_ends_with_the_same_weights(
+    tmp_path, tiny_set, clean_run, sig, repeat
+):
+    """SLURM's --signal=B:USR1@T (forwarded, perhaps twice) or its SIGTERM: the driver finishes the
+    iteration, snapshots, logs one line and exits 75; the requeued run resumes from that snapshot
+    and its final .caffemodel is byte for byte the uninterrupted run's."""
+    from redseg.training.train import EXIT_PREEMPTED
+
+    assert EXIT_PREEMPTED == 75
+    run = tmp_path / "preempted"
+    code, err, stopped = start_and_signal(run, tiny_set, sig, rows=3, repeat=repeat)
+    assert code == EXIT_PREEMPTED, err
+    lines = [ln for ln in err.splitlines() if "preempted, resumable" in ln]
+    assert len(lines) == 1 and sig.name in lines[0] and f"stage1_iter_{stopped}.solverstate" in lines[0], err
+    assert 3 <= stopped < SMOKE.stage1.max_iter
+    assert not (run / "stage1_final.caffemodel").exists()
+    assert [int(r["iter"]) for r in read_log(run / "stage1_log.csv")] == list(range(1, stopped + 1))
+
+    proc = train("--stage", 1, "--data", tiny_set, "--run", run, "--from-scratch")
+    assert f"resumed stage 1 from {run / f'stage1_iter_{stopped}.solverstate'} at iteration {stopped}" in proc.stderr
+    assert (run / "stage1_final.caffemodel").read_bytes() == (clean_run / "stage1_final.caffemodel").read_bytes()
+    same_log(run / "stage1_log.csv", clean_run / "stage1_log.csv")
+    # the schedule's snapshots, and the one of the stop
+    names = {p.name for p in run.glob("stage1_iter_*")}
+    assert names == {p.name for p in clean_run.glob("stage1_iter_*")} | {f"stage1_iter_{stopped}.{x}" for x in SUFFIXES}
+
+
+def test_snapshots_are_written_whole_under_their_final_names(clean_run):
+    """Caffe snapshots into the staging folder (the run's solver: snapshot 0, the driver snapshots),
+    and each .solverstate names the weights beside it, where Caffe restores them from."""
+    from caffe.proto import caffe_pb2
+
+    solver = (clean_run / "stage1_solver.prototxt").read_text()
+    assert "snapshot: 0\n" in solver and ".stage1-snapshot/stage1" in solver
+    assert not (clean_run / ".stage1-snapshot").exists()  # emptied and removed after each snapshot
+    for it in (5, 10):
+        state = caffe_pb2.SolverState()
+        state.ParseFromString((clean_run / f"stage1_iter_{it}.solverstate").read_bytes())
+        assert state.iter == it
+        assert state.learned_net == str(clean_run / f"stage1_iter_{it}.caffemodel")
+
+
+def _cut(path: Path, size: int | None = None) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 if size is None else size])
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        ("solverstate cut to 100 bytes", "not a whole Caffe solver state"),
+        ("caffemodel cut in half", "is not a whole Caffe model"),
+        ("caffemodel missing", "its weights file is missing"),
+    ],
+)
+def test_resume_skips_a_snapshot_cut_short_and_takes_the_older_whole_one(tmp_path, tiny_set, clean_run, damage, why):
+    """A SIGKILL while a snapshot was written in place (an older driver, Caffe itself) left the
+    newest one cut short: the rerun says so, resumes from the one before, and still ends with the
+    uninterrupted run's weights."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(clean_run, run)
+    (run / "stage1_final.caffemodel").unlink()
+    newest = run / "stage1_iter_10.solverstate"
+    if damage.startswith("solverstate"):
+        _cut(newest, 100)
+    elif damage == "caffemodel cut in half":
+        _cut(newest.with_suffix(".caffemodel"))
+    else:
+        newest.with_suffix(".caffemodel").unlink()
+    bad = train("--stage", 1, "--data", tiny_set, "--run", run, "--from-scratch", "--resume", newest, check=False)
+    assert bad.returncode == 1 and str(newest) in bad.stderr and why in bad.stderr, bad.stderr
+
+    proc = train("--stage", 1, "--data", tiny_set, "--run", run, "--from-scratch")
+    assert f"not resuming from {newest}: " in proc.stderr and why in proc.stderr, proc.stderr
+    assert f"resumed stage 1 from {run / 'stage1_iter_5.solverstate'} at iteration 5" in proc.stderr
+    # a copied run folder: its states name the original's weights; it resumes with its own
+    assert f"names the weights {clean_run / 'stage1_iter_5.caffemodel'}; resuming with" in proc.stderr
+    assert (run / "stage1_final.caffemodel").read_bytes() == (clean_run / "stage1_final.caffemodel").read_bytes()
+    assert not list(run.glob("previous-stage1-*"))
+    same_log(run / "stage1_log.csv", clean_run / "stage1_log.csv")
+
+
+def test_a_kill_between_the_two_renames_of_a_snapshot_leaves_the_older_one_to_resume(caffe, tmp_path, tiny_set):
+    """The solver state is the commit point: killed after the weights were moved in but before the
+    state was, the snapshot does not exist for the resume, which takes the one before and ends
+    with the uninterrupted run's weights; nothing half-written is ever in the run folder."""
+    import os
+
+    from redseg.training import train as T
+
+    def stage(run_dir: Path):
+        return T.StageRun(stage=1, data=tiny_set, run_dir=run_dir, schedule=SMOKE, from_scratch=True,
+                          progress=False, test_loss=False)  # fmt: skip
+
+    T.train_stage(stage(tmp_path / "clean"))
+    real_replace = os.replace
+
+    def killed_at_the_last_state(src, dst):
+        if str(dst).endswith("stage1_iter_10.solverstate"):
+            raise SystemExit("killed")  # as a SIGKILL would stop it: nothing after this runs
+        real_replace(src, dst)
+
+    run = stage(tmp_path / "killed")
+    T.os.replace = killed_at_the_last_state
+    try:
+        with pytest.raises(SystemExit):
+            T.train_stage(run)
+    finally:
+        T.os.replace = real_replace
+    assert (run.run_dir / "stage1_iter_10.caffemodel").is_file()
+    assert not (run.run_dir / "stage1_iter_10.solverstate").exists()
+    assert T.resumable_snapshot(run, _net(caffe, run)) == run.run_dir / "stage1_iter_5.solverstate"
+    T.train_stage(run)
+    assert run.final.read_bytes() == (tmp_path / "clean" / "stage1_final.caffemodel").read_bytes()
+    assert not (run.run_dir / ".stage1-snapshot").exists()
+
+
+def _net(caffe, run):
+    return caffe.get_solver(str(run.run_dir / "stage1_solver.prototxt")).net
 
 
 def test_bad_init_weights_are_reported_not_aborted(caffe, tmp_path, tiny_set):
