@@ -15,7 +15,11 @@ The experiments (:data:`EXPERIMENTS`; docs/reproduce.md):
   lambda counting only the negatives inside the field of view, stage 1 only, same schedule.
 
 Resumable: an experiment whose folder carries its completion stamp (written last, after its
-metrics) is skipped; an interrupted one continues from its snapshots (the driver resumes). With
+metrics) is skipped; an interrupted one continues from its snapshots (the driver resumes).
+Preemptible: SIGUSR1 or SIGTERM (a batch scheduler's warning before a time limit, or its
+preemption) is passed on to the running tools, the training driver snapshots and exits 75
+(redseg.cli.EXIT_PREEMPTED), its experiment is recorded "interrupted" (resumable, not failed), no
+further experiment starts, and the runner exits 75 too, without assembling the tables. With
 several GPUs (``--gpus 0 1 2 3``) independent experiments run side by side, one per GPU; an
 experiment waits for the one it starts from (:func:`plan`, :func:`execute`).
 """
@@ -23,8 +27,10 @@ experiment waits for the one it starts from (:func:`plan`, :func:`execute`).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -34,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from redseg import config as C
+from redseg.cli import EXIT_PREEMPTED, Preempted, StopSignals
 from redseg.fileio import is_complete, mark_complete, read_json_object, write_json
 from redseg.toolchain.caffe_utils import REPO
 
@@ -124,7 +131,9 @@ class Outcome:
     """What happened to one experiment in this invocation."""
 
     name: str
-    status: str  # "done", "skipped" (finished earlier), "failed", "not run" (what it starts from failed)
+    # "done", "skipped" (finished earlier), "failed", "not run" (what it starts from failed),
+    # "interrupted" (stopped by SIGUSR1/SIGTERM, or not started after one: resumable, run again)
+    status: str
     gpu: int | None = None
     seconds: float = 0.0
     error: str = ""
@@ -182,8 +191,49 @@ def _last_iteration(log_csv: Path) -> int:
     return 0
 
 
-def run_experiment(exp: Experiment, s: Settings, gpu: int | None, bar=None) -> Outcome:
+class Children:
+    """The runner's running tools, so that a scheduler's SIGUSR1/SIGTERM reaches them.
+
+    Under SLURM only the batch script is told (``--signal=B:USR1@T``), and a script passes the
+    signal on to the processes it knows; the tools this runner starts are its own children, so
+    the runner passes it on (:meth:`forward`, from the signal handler) and stops starting new
+    ones (:attr:`stopped`). A child that exits 75 by itself (signalled directly) stops the runner
+    too: a scheduler's signal means the whole job is ending.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.procs: set[subprocess.Popen] = set()
+        self.signum: int | None = None
+        self.stopped = False
+
+    def forward(self, signum: int) -> None:
+        with self.lock:
+            if signum in (signal.SIGUSR1, signal.SIGTERM):
+                self.signum, self.stopped = signum, True
+            procs = [p for p in self.procs if p.poll() is None]
+        for p in procs:
+            p.send_signal(signum)
+
+    def start(self, argv: list[str], **kw) -> subprocess.Popen:
+        with self.lock:
+            proc = subprocess.Popen(argv, **kw)
+            self.procs.add(proc)
+            late = self.signum  # a signal that came while this child was being started
+        if late is not None:
+            proc.send_signal(late)
+        return proc
+
+    def finished(self, proc: subprocess.Popen) -> None:
+        with self.lock:
+            self.procs.discard(proc)
+
+
+def run_experiment(
+    exp: Experiment, s: Settings, gpu: int | None, bar=None, children: Children | None = None
+) -> Outcome:
     """Train and test one experiment in its folder; its record is ``experiment.json``."""
+    children = children or Children()
     folder = s.folder(exp)
     if finished(folder, exp):
         prev = read_json_object(folder / "experiment.json") or {}
@@ -197,18 +247,31 @@ def run_experiment(exp: Experiment, s: Settings, gpu: int | None, bar=None) -> O
         bar.reset(total=total)
         bar.initial = bar.n = _last_iteration(log_csv)  # a resumed stage: its rate counts from here
     for step, argv in commands(exp, s, gpu):
+        if children.stopped:
+            outcome.status, outcome.error = "interrupted", f"stopped before {step} (resumable: run again)"
+            break
         t_step = time.monotonic()
         with (folder / f"{step}.log").open("a") as logf:
             logf.write(f"\n$ {' '.join(argv)}\n")
             logf.flush()
-            proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO)
-            while proc.poll() is None:
-                if bar is not None:
-                    done = _last_iteration(log_csv) if step == "train" else total
-                    bar.update(done - bar.n)
-                    bar.set_postfix_str(step, refresh=True)
-                time.sleep(1.0)
+            proc = children.start(argv, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO)
+            try:
+                while proc.poll() is None:
+                    if bar is not None:
+                        done = _last_iteration(log_csv) if step == "train" else total
+                        bar.update(done - bar.n)
+                        bar.set_postfix_str(step, refresh=True)
+                    time.sleep(0.2 if children.stopped else 1.0)
+            finally:
+                children.finished(proc)
         outcome.steps.append({"step": step, "argv": argv, "seconds": round(time.monotonic() - t_step, 1)})
+        # 75: the driver snapshotted on SIGUSR1/SIGTERM. Any other end after the runner passed such a
+        # signal on (test_net.py has no snapshot to write and just ends) is the same stop, not a failure.
+        if proc.returncode == EXIT_PREEMPTED or (proc.returncode != 0 and children.stopped):
+            children.stopped = True
+            outcome.status = "interrupted"
+            outcome.error = f"{step} stopped (exit {proc.returncode}) by a scheduler's signal; resumable: run again"
+            break
         if proc.returncode != 0:
             tail = (folder / f"{step}.log").read_text(errors="replace").strip().splitlines()[-3:]
             outcome.status = "failed"
@@ -264,10 +327,12 @@ def execute(
     experiments: Sequence[Experiment],
     slots: Sequence[int | None],
     worker: Callable[[Experiment, int | None], Outcome],
+    stopped: Callable[[], bool] = lambda: False,
 ) -> list[Outcome]:
     """Run ``worker(experiment, slot)`` for every experiment, one at a time per slot, the slots
     side by side (a thread each); an experiment starts once the one it starts from has finished,
-    and is "not run" if that one failed. Returns the outcomes in the experiments' order."""
+    and is "not run" if that one failed. Once ``stopped()`` (a scheduler's signal), none starts:
+    those are "interrupted". Returns the outcomes in the experiments' order."""
     lock = threading.Condition()
     outcomes: dict[str, Outcome] = {}
     pending = list(experiments)
@@ -278,6 +343,8 @@ def execute(
     def next_for_slot() -> Experiment | None:
         with lock:
             while True:
+                if stopped():
+                    return None
                 for e in pending:
                     waits = e.after in names  # a parent outside this selection: its folder decides
                     parent = outcomes.get(e.after) if waits else None
@@ -318,11 +385,13 @@ def execute(
             t.join(0.5)
     if not errors.empty():
         raise errors.get()
-    return [outcomes[e.name] for e in experiments]
+    not_started = Outcome("", "interrupted", error="not started: the run was stopped by a signal")
+    return [outcomes.get(e.name) or dataclasses.replace(not_started, name=e.name) for e in experiments]
 
 
 def run_all(s: Settings, experiments: Sequence[Experiment] = EXPERIMENTS, gpus: Sequence[int] = ()) -> list[Outcome]:
-    """Every experiment, one progress line each with its ETA; then the tables and figures."""
+    """Every experiment, one progress line each with its ETA. Raises :class:`redseg.cli.Preempted`
+    (the tool exits 75) when SIGUSR1/SIGTERM stopped it: see :class:`Children`."""
     from tqdm import tqdm
 
     slots: list[int | None] = list(gpus) or [None]
@@ -338,8 +407,15 @@ def run_all(s: Settings, experiments: Sequence[Experiment] = EXPERIMENTS, gpus: 
             disable=not s.progress,
             dynamic_ncols=True,
         )
+    children = Children()
     try:
-        outcomes = execute(experiments, slots, lambda e, g: run_experiment(e, s, g, bars[e.name]))
+        with StopSignals(on_signal=children.forward, stops_after="the running experiments' current iteration"):
+            outcomes = execute(
+                experiments,
+                slots,
+                lambda e, g: run_experiment(e, s, g, bars[e.name], children),
+                lambda: children.stopped,
+            )
     finally:
         for b in bars.values():
             b.close()
@@ -349,7 +425,15 @@ def run_all(s: Settings, experiments: Sequence[Experiment] = EXPERIMENTS, gpus: 
             rec = {"name": o.name, "status": o.status, "error": o.error, "gpu": None, "seconds": 0.0, "steps": []}
             write_json(s.folder(BY_NAME[o.name]) / "experiment.json", rec)
         msg = f"{o.name}: {o.status}" + (f" ({o.error})" if o.error else "") + f", {o.seconds:.0f} s"
-        (log.warning if o.status in ("failed", "not run") else log.info)(msg)
+        (log.warning if o.status in ("failed", "not run", "interrupted") else log.info)(msg)
+    stopped = [o.name for o in outcomes if o.status == "interrupted"]
+    if stopped:
+        name = signal.Signals(children.signum).name if children.signum else "a tool's exit 75"
+        log.warning(
+            "stopped by %s: %s interrupted; exit %d (preempted, resumable): run the same command again to resume",
+            name, ", ".join(stopped), EXIT_PREEMPTED,
+        )  # fmt: skip
+        raise Preempted(f"{len(stopped)} experiments interrupted")
     return outcomes
 
 

@@ -8,6 +8,8 @@ the tables against each run's metrics.json, both figures, skip, resume, and a fa
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -18,6 +20,7 @@ import cv2
 import pytest
 
 from redseg import config as C
+from redseg.cli import EXIT_PREEMPTED, Preempted
 from redseg.experiments.reproduce import EXPERIMENTS, Experiment, Outcome, execute, plan
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,6 +94,60 @@ def test_a_worker_exception_is_a_failed_experiment_not_a_stopped_run():
     out = {o.name: o for o in execute(EXPERIMENTS, [None], worker)}
     assert out["ma_conv2-5"].status == "failed" and "disk full" in out["ma_conv2-5"].error
     assert sum(o.status == "done" for o in out.values()) == len(EXPERIMENTS) - 1
+
+
+STAND_IN = """
+import pathlib, signal, sys, time
+folder = pathlib.Path(sys.argv[1])
+def stop(signum, frame):
+    (folder / "got").write_text(signal.Signals(signum).name)
+    sys.exit(75)  # as tools/train.py after its snapshot
+signal.signal(signal.SIGUSR1, stop)
+signal.signal(signal.SIGTERM, stop)
+(folder / "ready").write_text("")
+time.sleep(120)
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_schedulers_signal_is_passed_to_the_running_tool_and_the_runner_stops_preempted(tmp_path, monkeypatch, sig):
+    """The runner gets SIGUSR1 (SLURM's --signal=B:USR1, passed on by the batch script) or SIGTERM
+    while a tool runs: the tool gets it, exits 75; its experiment is "interrupted" (no stamp, not
+    "failed"), the next one never starts, its test step neither, and the runner raises Preempted
+    (exit 75). A stand-in tool, so the signal lands while it runs, every time."""
+    import redseg.experiments.reproduce as R
+
+    child = tmp_path / "tool.py"
+    child.write_text(STAND_IN)
+    test_step = [sys.executable, "-c", f"open({str(tmp_path / 'test-ran')!r}, 'w')"]
+    monkeypatch.setattr(
+        R, "commands", lambda e, s, g: [("train", [sys.executable, str(child), str(s.folder(e))]), ("test", test_step)]
+    )
+    s = R.Settings(tmp_path / "run", tmp_path, {}, C.SCHEDULES["smoke"], None, True, progress=False)
+    first, second = BY_NAME["stage1"], BY_NAME["ma_conv2-5"]
+    caught = []
+    guard = signal.signal(sig, lambda n, f: caught.append(n))  # should the runner not catch it: no dead pytest
+
+    def signal_when_ready():
+        deadline = time.time() + 60
+        while not (s.folder(first) / "ready").exists() and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=signal_when_ready, daemon=True).start()
+    try:
+        with pytest.raises(Preempted):
+            R.run_all(s, [first, second])
+    finally:
+        signal.signal(sig, guard)
+    assert not caught
+    assert (s.folder(first) / "got").read_text() == sig.name
+    rec = json.loads((s.folder(first) / "experiment.json").read_text())
+    assert rec["status"] == "interrupted" and f"exit {EXIT_PREEMPTED}" in rec["error"]
+    assert [st["step"] for st in rec["steps"]] == ["train"]
+    assert not (s.folder(first) / ".complete").exists() and not (tmp_path / "test-ran").exists()
+    assert not s.folder(second).exists()  # never started
 
 
 # --- end to end ----------------------------------------------------------------------------------
@@ -168,16 +225,54 @@ def test_second_run_skips_finished_and_resumes_interrupted(reproduced):
     assert iters == [str(i) for i in range(1, 11)]
 
 
+def test_sigusr1_stops_the_runner_with_75_and_the_rerun_resumes_the_experiment(reproduced):
+    """The real runner and driver: SIGUSR1 to tools/reproduce.py while an experiment trains; the
+    driver snapshots, both exit 75 (the experiment "interrupted"); the rerun resumes it."""
+    exp = reproduced / "ma_conv1-4"
+    for p in [exp / ".complete", exp / "stage1_final.caffemodel", *exp.glob("stage1_iter_*")]:
+        p.unlink()
+    cmd = [sys.executable, str(REPO / "tools" / "reproduce.py"), "--no-progress", "--run", str(reproduced)]
+    proc = subprocess.Popen([*cmd, "--schedule", "smoke", "--only", "ma_conv1-4"], stderr=subprocess.PIPE, text=True)
+    log = exp / "stage1_log.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # trains afresh: the old log moves aside first
+        if list(exp.glob("previous-stage1-*")) and log.is_file() and len(log.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert "preempted, resumable" in err
+    rec = json.loads((exp / "experiment.json").read_text())
+    assert rec["status"] == "interrupted" and not (exp / ".complete").exists()
+    assert "preempted, resumable" in (exp / "train.log").read_text()  # the driver got it and snapshotted
+    stopped = max(int(p.stem.split("_")[-1]) for p in exp.glob("stage1_iter_*.solverstate"))
+
+    reproduce(reproduced, "--only", "ma_conv1-4")
+    assert json.loads((exp / "experiment.json").read_text())["status"] == "done"
+    assert f"at iteration {stopped}" in (exp / "train.log").read_text().split("resumed stage 1 from")[-1]
+    iters = [r.split(",")[0] for r in log.read_text().splitlines()[1:]]
+    assert iters == [str(i) for i in range(1, 11)]
+
+
 def test_failed_experiment_is_reported_and_its_dependant_not_run(reproduced):
     for name, final in (("stage1", "stage1_final.caffemodel"), ("two_stage", "stage2_final.caffemodel")):
         (reproduced / name / ".complete").unlink()
         (reproduced / name / final).unlink()
-    (reproduced / "stage1" / "stage1_iter_99.solverstate").write_bytes(b"not a solver state")
-    (reproduced / "stage1" / "stage1_iter_99.caffemodel").write_bytes(b"not weights")
-    proc = reproduce(reproduced, "--only", "stage1", "two_stage", check=False)
+    for p in (reproduced / "stage1").glob("stage1_iter_*"):  # stage 1 trains again ...
+        p.unlink()
+    images = sorted((reproduced / "data" / "train" / "images").iterdir())
+    whole = {p: p.read_bytes() for p in images}
+    for p in images:  # ... on training images cut short
+        p.write_bytes(whole[p][:100])
+    try:
+        proc = reproduce(reproduced, "--only", "stage1", "two_stage", check=False)
+    finally:
+        for p, data in whole.items():
+            p.write_bytes(data)
     assert proc.returncode == 1
     exps = json.loads((reproduced / "reproduction.json").read_text())["experiments"]
-    assert exps["stage1"]["status"] == "failed" and "stage1_iter_99.solverstate" in exps["stage1"]["error"]
+    assert exps["stage1"]["status"] == "failed" and "train/images/" in exps["stage1"]["error"]
     assert exps["two_stage"]["status"] == "not run"
     assert exps["ma_conv1-4"]["status"] == "done"  # the others keep their results
     md = (reproduced / "reproduction.md").read_text()
