@@ -10,6 +10,10 @@ and `prob_he`. The model's metadata records the mean (from the weights' sidecar 
 --data or --mean-bgr), the FOV diameter and thresholds of the sidecar, and the fusion stages.
 Before writing, the model is run against pycaffe on one random image (--no-verify skips it).
 An existing --out is kept unless --force. See docs/onnx.md.
+
+--input-size HxW exports a fixed-size model instead: it takes only HxW inputs, its crops have
+constant ends (no Shape node), and OpenCV's DNN module (cv2.dnn.readNetFromONNX) runs it; it is
+checked against pycaffe at that size in ONNX Runtime and in OpenCV DNN.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     mean = ap.add_mutually_exclusive_group()
     mean.add_argument("--data", type=Path, help="prepared set whose training mean to store (its meta.json)")
     mean.add_argument("--mean-bgr", type=cli.mean_bgr, help="B,G,R input mean to store")
+    ap.add_argument("--input-size", type=cli.size, help="HxW: a fixed-size export (OpenCV DNN runs only such a model)")
     ap.add_argument("--force", action="store_true", help="overwrite an existing --out")
     ap.add_argument("--no-verify", action="store_true", help="skip the comparison with pycaffe before writing")
     args = cli.parse(ap, argv)
@@ -50,6 +55,7 @@ def run(args) -> int:
         mean_bgr=mean,
         force=args.force,
         verify_size=None if args.no_verify else (67, 93),
+        input_size=args.input_size,
     )
     print(out)
     return 0

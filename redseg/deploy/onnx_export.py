@@ -8,7 +8,8 @@ translated here with Caffe's own semantics spelled out, so that the ONNX model g
 pycaffe gives (tests/deploy/test_onnx_export.py holds both to 1e-4 at odd input sizes):
 
 * ``Input`` -> the graph input ``data``, float32 1x3xHxW (BGR minus the training mean, exactly
-  what the Caffe net takes: redseg.data.prepared_set.image_blob), height and width dynamic;
+  what the Caffe net takes: redseg.data.prepared_set.image_blob), height and width dynamic, or
+  fixed with ``input_size`` (below);
 * ``Convolution`` -> ``Conv``; ``ReLU`` -> ``Relu`` (``LeakyRelu`` for a negative slope);
   ``Concat`` -> ``Concat``; ``Sigmoid`` -> ``Sigmoid``;
 * ``Pooling`` (MAX) -> ``MaxPool`` with ``ceil_mode=1``: Caffe rounds the pooled size up,
@@ -22,6 +23,13 @@ pycaffe gives (tests/deploy/test_onnx_export.py holds both to 1e-4 at odd input 
   second bottom (the reference), starting at ``offset`` (one value for all those axes, or one per
   axis). The reference's size depends on the input, so the ends are computed in the graph
   (``Shape`` of the reference, plus the offsets).
+
+A **fixed-size export** (``input_size=(H, W)``, ``tools/export_onnx.py --input-size HxW``) takes
+only inputs of that size: the input and outputs have fixed dimensions and each crop's ends are
+constants (pycaffe's reference blob shapes with the net reshaped to that size), so the graph has
+no ``Shape`` node. OpenCV's DNN module (``cv2.dnn.readNetFromONNX``) refuses the dynamic graph's
+``Shape`` nodes and runs the fixed one; ONNX Runtime runs both. The size is recorded in the
+metadata (``input_size``: ``[H, W]``, null for the dynamic export).
 
 Anything else is refused with :class:`UnsupportedLayerError`, naming each unknown type and its
 layers, rather than exported wrongly.
@@ -63,7 +71,16 @@ SUPPORTED = ("Input", "Convolution", "ReLU", "Pooling", "Deconvolution", "Crop",
 # copied from the sidecar <weights>.json: mean_bgr, fov_diameter_px, thresholds, threshold_rule, source
 SIDECAR_KEYS = MODEL_INFO_KEYS
 # metadata_props keys (values are JSON strings)
-META_KEYS = ("redseg_format", "deploy", "fusion_stages", "weights", "weights_sha256", "input", *SIDECAR_KEYS)
+META_KEYS = (
+    "redseg_format",
+    "deploy",
+    "fusion_stages",
+    "weights",
+    "weights_sha256",
+    "input",
+    "input_size",
+    *SIDECAR_KEYS,
+)
 FORMAT_VERSION = 1
 
 
@@ -194,7 +211,7 @@ def _params(net, layer) -> list[np.ndarray]:
     return [np.ascontiguousarray(b.data, dtype=np.float32) for b in net.params[layer.name]]
 
 
-def _translate(layer, net, g: _Graph) -> None:
+def _translate(layer, net, g: _Graph, fixed: bool = False) -> None:
     """Append the ONNX nodes of one Caffe layer to ``g``."""
     from onnx import helper, numpy_helper
 
@@ -229,15 +246,18 @@ def _translate(layer, net, g: _Graph) -> None:
         ndim = net.blobs[layer.top[0]].data.ndim
         g.nodes.append(helper.make_node("Concat", ins, tops, name=name, axis=_canonical_axis(axis, ndim, name)))
     elif t == "Crop":
-        _crop(layer, net, ins, tops[0], g)
+        _crop(layer, net, ins, tops[0], g, fixed)
     else:  # check_supported ran first
         raise UnsupportedLayerError(f"layer '{name}': type '{t}' is not exported")
     for blob, tensor in zip(layer.top, tops, strict=True):
         g.tensor[blob] = tensor
 
 
-def _crop(layer, net, ins: list[str], top: str, g: _Graph) -> None:
-    """Caffe Crop as Slice: axes ``axis..ndim-1`` of bottom 0 from ``offset`` to ``offset + reference size``."""
+def _crop(layer, net, ins: list[str], top: str, g: _Graph, fixed: bool = False) -> None:
+    """Caffe Crop as Slice: axes ``axis..ndim-1`` of bottom 0 from ``offset`` to ``offset + reference size``.
+
+    ``fixed``: the ends are constants, the reference blob's shape in ``net`` (reshaped to the fixed
+    input size); else they are computed in the graph from the reference's ``Shape``."""
     from onnx import helper
 
     ndim = net.blobs[layer.bottom[0]].data.ndim
@@ -251,10 +271,15 @@ def _crop(layer, net, ins: list[str], top: str, g: _Graph) -> None:
     elif len(off) != n:
         raise UnsupportedLayerError(f"layer '{layer.name}': {len(off)} crop offsets for {n} cropped axes")
     name = layer.name
-    ref_shape = g.fresh(f"{name}.reference_shape")
-    ends = g.fresh(f"{name}.ends")
     starts = g.const(f"{name}.starts", off)
     axes = g.const(f"{name}.axes", list(range(axis, ndim)))
+    if fixed:
+        ref = net.blobs[layer.bottom[1]].data.shape[axis:]
+        ends = g.const(f"{name}.ends", [o + int(r) for o, r in zip(off, ref, strict=True)])
+        g.nodes.append(helper.make_node("Slice", [ins[0], starts, ends, axes], [top], name=name))
+        return
+    ref_shape = g.fresh(f"{name}.reference_shape")
+    ends = g.fresh(f"{name}.ends")
     g.nodes += [
         helper.make_node("Shape", [ins[1]], [ref_shape], name=f"{name}.shape", start=axis),
         helper.make_node("Add", [starts, ref_shape], [ends], name=f"{name}.add"),
@@ -262,16 +287,26 @@ def _crop(layer, net, ins: list[str], top: str, g: _Graph) -> None:
     ]
 
 
-def build_model(net_param, net, metadata: dict | None = None):
+def build_model(net_param, net, metadata: dict | None = None, input_size: tuple[int, int] | None = None):
     """The ``onnx.ModelProto`` of a loaded deploy net (``net``: pycaffe, with its weights).
 
     ``net_param`` is the parsed prototxt (layer settings); ``metadata``: key -> JSON-able value,
-    stored as JSON strings in ``metadata_props``.
+    stored as JSON strings in ``metadata_props``. ``input_size`` (H, W): a fixed-size graph (see
+    the module's docstring; ``net`` is reshaped to that size), else height and width are free.
     """
     import onnx
     from onnx import TensorProto, helper
 
     check_supported(net_param)
+    if input_size is not None:
+        h, w = (int(v) for v in input_size)
+        if h < 1 or w < 1:
+            raise ValueError(f"input size must be positive, got {h}x{w}")
+        net.blobs["data"].reshape(1, 3, h, w)
+        net.reshape()  # every blob at its shape for this input: the crops' references
+        height, width = h, w
+    else:
+        height, width = HEIGHT, WIDTH
     g = _Graph(nodes=[], inits=[], tensor={}, used=set())
     inputs = []
     legacy = [(name, list(s.dim)) for name, s in zip(net_param.input, net_param.input_shape, strict=False)]
@@ -279,12 +314,12 @@ def build_model(net_param, net, metadata: dict | None = None):
     for blob, dims in legacy + input_layers:
         if len(dims) != 4:
             raise UnsupportedLayerError(f"input '{blob}' has shape {dims}; a 1x3xHxW image blob is expected")
-        shape = [dims[0], dims[1], HEIGHT, WIDTH]
+        shape = [dims[0], dims[1], height, width]
         inputs.append(helper.make_tensor_value_info(blob, TensorProto.FLOAT, shape))
         g.tensor[blob] = g.fresh(blob)
     for layer in net_param.layer:
         if layer.type != "Input":
-            _translate(layer, net, g)
+            _translate(layer, net, g, fixed=input_size is not None)
     outputs = []
     made = {top: i for i, layer in enumerate(net_param.layer) for top in layer.top}  # last producer wins
     for blob in sorted(net.outputs, key=made.__getitem__):  # the prototxt's order: prob_ma, prob_he
@@ -292,7 +327,7 @@ def build_model(net_param, net, metadata: dict | None = None):
         if final != blob:  # an in-place layer wrote last: give the output its blob's name
             g.nodes.append(helper.make_node("Identity", [final], [blob], name=f"{blob}.output"))
         channels = net.blobs[blob].data.shape[1]
-        outputs.append(helper.make_tensor_value_info(blob, TensorProto.FLOAT, [1, channels, HEIGHT, WIDTH]))
+        outputs.append(helper.make_tensor_value_info(blob, TensorProto.FLOAT, [1, channels, height, width]))
     graph = helper.make_graph(g.nodes, net_param.name or "redseg", inputs, outputs, initializer=g.inits)
     model = helper.make_model(
         graph,
@@ -322,6 +357,7 @@ def export_metadata(
     deploy: str | os.PathLike,
     weights: str | os.PathLike,
     mean_bgr: Sequence[float] | None = None,
+    input_size: tuple[int, int] | None = None,
 ) -> dict:
     """What the ONNX model records about itself (:data:`META_KEYS`; values JSON-able).
 
@@ -334,8 +370,10 @@ def export_metadata(
         "fusion_stages": fusion_stages(net_param),
         "weights": Path(weights).name,
         "weights_sha256": file_digest(weights),
-        "input": "data: float32 1x3xHxW, BGR minus mean_bgr (per channel), H and W any size; "
-        "outputs prob_ma, prob_he: 1x1xHxW probabilities",
+        "input": "data: float32 1x3xHxW, BGR minus mean_bgr (per channel), "
+        + ("H and W any size" if input_size is None else f"H x W exactly {input_size[0]}x{input_size[1]}")
+        + "; outputs prob_ma, prob_he: 1x1xHxW probabilities",
+        "input_size": None if input_size is None else [int(v) for v in input_size],
     }
     side = read_sidecar(weights)
     if side:
@@ -364,13 +402,16 @@ def export(
     force: bool = False,
     verify_size: tuple[int, int] | None = (67, 93),
     tolerance: float = 1e-4,
+    input_size: tuple[int, int] | None = None,
 ) -> Path:
     """Convert ``deploy`` (default prototxt/deploy.prototxt) with ``weights`` and write ``out`` atomically.
 
     ``verify_size``: before writing, run pycaffe and ONNX Runtime on one random image of that size
     (odd by default: ceil pooling and the crops matter there) and refuse the export when the
     probabilities differ by more than ``tolerance`` (:class:`ExportCheckError`); None skips it.
-    An existing ``out`` is kept unless ``force``.
+    ``input_size`` (H, W): a fixed-size export (module docstring), checked at that size (any
+    ``verify_size`` but None is replaced by it) in ONNX Runtime and, when OpenCV is installed, in
+    OpenCV's DNN module. An existing ``out`` is kept unless ``force``.
     """
     from redseg.toolchain.caffe_utils import REPO, load_net, read_net_param
 
@@ -381,8 +422,8 @@ def export(
     net_param = read_net_param(deploy)
     check_supported(net_param, str(deploy))  # before loading 500 MB of weights for nothing
     net = load_net(deploy, "TEST", weights)  # checks the weights against the net first
-    meta = export_metadata(net_param, deploy, weights, mean_bgr)
-    model = build_model(net_param, net, meta)
+    meta = export_metadata(net_param, deploy, weights, mean_bgr, input_size)
+    model = build_model(net_param, net, meta, input_size)
     data = model.SerializeToString()
     log.info(
         "ONNX model: %d nodes, %d initializers, opset %d, %.1f MB",
@@ -392,13 +433,18 @@ def export(
         len(data) / 1e6,
     )
     if verify_size is not None:
-        diff = compare_with_caffe(net, data, verify_size)
-        if diff > tolerance:
-            raise ExportCheckError(
-                f"the ONNX model differs from pycaffe by {diff:.3g} (> {tolerance:g}) at "
-                f"{verify_size[0]}x{verify_size[1]}; not written"
-            )
-        log.info("checked against pycaffe at %dx%d: max |diff| %.2g", *verify_size, diff)
+        verify_size = tuple(input_size) if input_size is not None else verify_size
+        runners = [("ONNX Runtime", compare_with_caffe)]
+        if input_size is not None and _have_opencv():
+            runners.append(("OpenCV DNN", compare_with_opencv))
+        for runner, compare in runners:
+            diff = compare(net, data, verify_size)
+            if diff > tolerance:
+                raise ExportCheckError(
+                    f"the ONNX model in {runner} differs from pycaffe by {diff:.3g} (> {tolerance:g}) at "
+                    f"{verify_size[0]}x{verify_size[1]}; not written"
+                )
+            log.info("checked in %s against pycaffe at %dx%d: max |diff| %.2g", runner, *verify_size, diff)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         tmp.write_bytes(data)
@@ -412,11 +458,7 @@ def compare_with_caffe(net, model: bytes | str | os.PathLike, size: tuple[int, i
     import onnxruntime as ort
 
     h, w = size
-    x = np.random.default_rng(seed).normal(0.0, 40.0, (1, 3, h, w)).astype(np.float32)
-    net.blobs["data"].reshape(1, 3, h, w)
-    net.reshape()
-    net.blobs["data"].data[...] = x
-    net.forward()
+    x = _caffe_forward(net, size, seed)
     src = model if isinstance(model, bytes) else str(model)
     names = list(net.outputs)
     try:
@@ -424,4 +466,43 @@ def compare_with_caffe(net, model: bytes | str | os.PathLike, size: tuple[int, i
         got = sess.run(names, {"data": x})
     except Exception as e:  # onnxruntime's own exception types (Fail, InvalidArgument, ...)
         raise ExportCheckError(f"ONNX Runtime cannot run the exported model at {h}x{w}: {e}") from e
+    return max(float(np.abs(net.blobs[b].data - y).max()) for b, y in zip(names, got, strict=True))
+
+
+def _have_opencv() -> bool:
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _caffe_forward(net, size: tuple[int, int], seed: int) -> np.ndarray:
+    """Run ``net`` (reshaped to ``size``) on a seeded random input blob; returns the blob."""
+    h, w = size
+    x = np.random.default_rng(seed).normal(0.0, 40.0, (1, 3, h, w)).astype(np.float32)
+    net.blobs["data"].reshape(1, 3, h, w)
+    net.reshape()
+    net.blobs["data"].data[...] = x
+    net.forward()
+    return x
+
+
+def compare_with_opencv(net, model: bytes | str | os.PathLike, size: tuple[int, int], seed: int = 0) -> float:
+    """As :func:`compare_with_caffe`, with OpenCV's DNN module (``cv2.dnn.readNetFromONNX``, CPU)
+    running the model: only a fixed-size export of ``size`` loads there."""
+    import cv2
+
+    x = _caffe_forward(net, size, seed)
+    names = list(net.outputs)
+    try:
+        if isinstance(model, bytes):
+            dnn = cv2.dnn.readNetFromONNX(np.frombuffer(model, np.uint8))
+        else:
+            dnn = cv2.dnn.readNetFromONNX(str(model))
+        dnn.setInput(x, "data")
+        got = dnn.forward(names)
+    except cv2.error as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        raise ExportCheckError(f"OpenCV DNN cannot run the exported model at {size[0]}x{size[1]}: {msg}") from e
     return max(float(np.abs(net.blobs[b].data - y).max()) for b, y in zip(names, got, strict=True))

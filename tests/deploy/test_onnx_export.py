@@ -2,9 +2,9 @@
 
 The exported model must give pycaffe's probabilities (to 1e-4) at odd input sizes, where Caffe's
 ceil rounding of the pooled size and the crop offsets decide every pixel, for the main deploy net
-and a fusion variant. The weights are random (no trained model needed), scaled so that the
-probabilities spread over (0, 1) rather than sit at 0, 1 or 0.5, where a wrong conversion could
-hide.
+and a fusion variant; the fixed-size export (static crops) must do so in OpenCV's DNN module. The
+weights are random (no trained model needed), scaled so that the probabilities spread over (0, 1)
+rather than sit at 0, 1 or 0.5, where a wrong conversion could hide.
 """
 
 from __future__ import annotations
@@ -102,6 +102,33 @@ def test_onnx_gives_pycaffe_probabilities_at_odd_sizes(exported, caplog):
     assert np.allclose(seg.mean, C.LSEG_MEAN_BGR) and "no input mean" in caplog.text
     stages = read_onnx_info(model).fusion_stages
     assert stages == {"MA": [1, 2, 3, 4] if "conv1-4" in deploy.name else [2, 3, 4], "HE": [3, 4, 5]}
+
+
+def test_fixed_size_onnx_runs_in_opencv_dnn_like_pycaffe(caffe, tmp_path):
+    """The fixed-size export in OpenCV DNN against pycaffe at an odd size (ceil pooling and crops
+    matter there); OpenCV refuses the dynamic export (its Shape nodes)."""
+    import cv2
+    import onnx
+
+    h, w = SIZES[0]
+    weights = random_weights(caffe, DEPLOYS["main"], tmp_path / "w.caffemodel", seed=5)
+    fixed = export(weights, tmp_path / "fixed.onnx", mean_bgr=MEAN, input_size=(h, w))  # checked in both
+    model = onnx.load(str(fixed))
+    assert "Shape" not in {n.op_type for n in model.graph.node}
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [1, 3, h, w]
+    assert json.loads({p.key: p.value for p in model.metadata_props}["input_size"]) == [h, w]
+    img = np.random.default_rng(2).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    want = Segmenter(weights, MEAN)(img)
+    net = cv2.dnn.readNetFromONNX(str(fixed))
+    blob = (img.astype(np.float32) - np.float32(MEAN)).transpose(2, 0, 1)[None]
+    net.setInput(np.ascontiguousarray(blob), "data")
+    got = dict(zip(C.LESIONS, net.forward(["prob_ma", "prob_he"]), strict=True))
+    for lesion in C.LESIONS:
+        assert want[lesion].std() > 0.05
+        assert float(np.abs(got[lesion][0, 0] - want[lesion]).max()) <= TOL
+    dynamic = export(weights, tmp_path / "dynamic.onnx", mean_bgr=MEAN, verify_size=None)
+    with pytest.raises(cv2.error):
+        cv2.dnn.readNetFromONNX(str(dynamic))
 
 
 def test_segmenting_with_onnx_loads_no_caffe(exported):
