@@ -10,6 +10,13 @@ authors' protocol resizes the maps to the label size); --full-size also saves th
 to the original resolution. After scoring, <weights>.json beside the weights records the input
 mean, the training FOV diameter and each lesion's break-even threshold for tools/segment.py and
 tools/export_onnx.py (redseg/deploy/model_info.py).
+
+  python tools/test_net.py --model models/redseg-idrid --data data/idrid [--backend caffe|onnx]
+
+--model takes a model package (tools/package_model.py; docs/model_package.md): every file's digest
+is checked before anything is written, the net runs in Caffe or ONNX Runtime (--backend; auto:
+Caffe when it imports), with the package's input mean; nothing is written into the package, and
+its thresholds are printed beside this test set's break-even ones.
 """
 
 from __future__ import annotations
@@ -29,9 +36,19 @@ from redseg.toolchain.caffe_utils import CaffeInputError  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ap = cli.parser(__doc__, progress=True)
-    ap.add_argument("--weights", type=Path, required=True, help="trained Red-Seg .caffemodel")
+    model = ap.add_mutually_exclusive_group(required=True)
+    model.add_argument("--weights", type=Path, help="trained Red-Seg .caffemodel")
+    model.add_argument("--model", type=Path, help="a model package folder (tools/package_model.py)")
+    ap.add_argument(
+        "--backend",
+        choices=("auto", "caffe", "onnx"),
+        default="auto",
+        help="what runs --model (default: Caffe if it imports, else ONNX Runtime)",
+    )
     ap.add_argument("--data", type=Path, default=Path("data/idrid"), help="prepared set (default data/idrid)")
-    ap.add_argument("--out", type=Path, help="output folder (default: <weights folder>/test_<weights name>)")
+    ap.add_argument(
+        "--out", type=Path, help="output folder (default <weights dir>/test_<weights name>; --model: runs/test_<name>)"
+    )
     ap.add_argument("--gt", type=Path, help="ground truth for scoring (default: the prepared set's test masks)")
     ap.add_argument("--deploy", type=Path, help="deploy prototxt (default prototxt/deploy.prototxt)")
     ap.add_argument("--full-size", action="store_true", help="save maps upsampled by the set's factor")
@@ -46,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         help="also write every side output's map of the first N test images to <out>/sides (paper Fig. 7)",
     )
     args = cli.parse(ap, argv)
-    out = args.out or args.weights.parent / f"test_{args.weights.stem}"
+    if args.model is not None:
+        out = args.out or Path("runs") / f"test_{args.model.resolve().name}"
+    else:
+        out = args.out or args.weights.parent / f"test_{args.weights.stem}"
     return cli.run(lambda: run(args, out), ap.prog)
 
 
@@ -58,12 +78,25 @@ def run(args, out: Path) -> int:
     from redseg.fileio import write_image
     from redseg.toolchain.caffe_utils import set_mode
 
-    if not args.weights.is_file():
+    pkg = None
+    if args.model is not None:  # checked before anything is read or written
+        from redseg.deploy import package
+
+        pkg = package.open_package(args.model)
+        if args.deploy is not None:
+            raise CaffeInputError("--deploy is for --weights; a package brings its own deploy.prototxt")
+    elif not args.weights.is_file():
         raise CaffeInputError(f"weights file not found: {args.weights}")
     samples = read_list(list_path(args.data, "test"))
     meta = read_meta(args.data)
-    set_mode(args.gpu)
-    seg = Segmenter(args.weights, mean_bgr(args.data), args.deploy or DEPLOY)
+    if pkg is not None:
+        seg, backend = package.segmenter(pkg, args.backend, args.gpu)
+        logging.info("package %s through %s, input mean %s", pkg.root, backend, list(seg.mean))
+        if args.sides and backend != "caffe":
+            raise CaffeInputError("--sides needs the Caffe backend (--backend caffe)")
+    else:
+        set_mode(args.gpu)
+        seg = Segmenter(args.weights, mean_bgr(args.data), args.deploy or DEPLOY)
     pred = out / "pred"
     pred.mkdir(parents=True, exist_ok=True)
     if args.sides:
@@ -88,8 +121,26 @@ def run(args, out: Path) -> int:
     result = evaluate(pred, args.gt or args.data, out / "eval", overlays=args.overlays, progress=progress)
     print(summary_table(result))
     print(f"report: {out / 'eval' / 'report.md'}")
-    write_sidecar(args, result, out / "eval" / "metrics.json")
+    if pkg is not None:
+        print_package_thresholds(pkg, result)
+    else:
+        write_sidecar(args, result, out / "eval" / "metrics.json")
     return 0
+
+
+def print_package_thresholds(pkg, result: dict) -> None:
+    """The package's thresholds beside this test set's break-even ones (the package is not changed)."""
+    from redseg import config as C
+    from redseg.deploy.model_info import break_even_thresholds
+
+    here = break_even_thresholds(result)
+    theirs = pkg.info.thresholds
+    for lesion in C.LESIONS:
+        t, b = theirs.get(lesion), here.get(lesion)
+        print(
+            f"{lesion}: the package's threshold {'none' if t is None else f'{t:.4f}'}, "
+            f"break-even on this set {'none' if b is None else f'{b:.4f}'}"
+        )
 
 
 def write_sidecar(args, result: dict, metrics_json: Path) -> None:
