@@ -26,8 +26,15 @@
 #   LINK_VENV=0     build and check the import, but leave .venv pointing at the Caffe it had
 #   SETUP_SOURCE_ONLY=1  stop once the patched source is in place (prints its folder; no build)
 #   CUDA=1          build with CUDA, without cuDNN (docs/gpu.md): CUDA_ROOT (toolkit root; default: the nvcc on
-#                   PATH, completed with cuBLAS/cuRAND wheels if it lacks them), CUDA_ARCH_BIN ("75 90"),
-#                   CUDA_ARCH_PTX (90)
+#                   PATH, completed with cuBLAS/cuRAND wheels if it lacks them; with no nvcc on PATH, the
+#                   toolkit from NVIDIA's wheels as CUDA_WHEELS=13 would), CUDA_ARCH_BIN ("75 90"),
+#                   CUDA_ARCH_PTX (90), CUDA_HOST_COMPILER (the g++ nvcc compiles host code with; default
+#                   CMake's compiler; an older toolkit may need an older g++, e.g. /usr/bin/g++-11)
+#   CUDA_WHEELS=13  with CUDA=1: assemble the whole toolkit root (nvcc, cudart, cuBLAS, cuRAND, CCCL) from
+#                   NVIDIA's PyPI wheels, in the cache, ignoring any nvcc on PATH; a major version takes
+#                   the newest release, 13.0 pins one. NVIDIA ships the compiler itself (nvcc, cicc,
+#                   cudafe++, fatbinary) as wheels only from CUDA 13 on, whose lowest target is sm_75:
+#                   CUDA_WHEELS=12 stops with that message (the -cu12 nvcc wheels hold ptxas only)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -200,6 +207,74 @@ assemble_cuda_root() {
   CUDA_ROOT=$root
 }
 
+# A whole CUDA toolkit root from NVIDIA's PyPI wheels ($1: CUDA major, or major.minor), assembled in
+# the cache with hard links: bin/ (nvcc, ptxas, ...), nvvm/ (cicc), include/, lib/ (+ lib64 and
+# targets/x86_64-linux links, the layout nvcc.profile and CMake look for).
+assemble_wheel_root() {
+  local want=$1 major pin suffix root wheels ver d sub
+  [[ "$want" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "CUDA_WHEELS=$want: give a CUDA major version (13) or major.minor (13.0)"
+  major=${want%%.*}
+  pin=""
+  [ "$want" != "$major" ] && pin="==$want.*"
+  suffix=""
+  [ "$major" -lt 13 ] && suffix="-cu$major" # NVIDIA's names up to CUDA 12: nvidia-cuda-nvcc-cu12, ...
+  root="$CACHE/cuda-wheels-$want"
+  if [ -f "$root/.complete" ]; then
+    CUDA_ROOT=$root
+    return
+  fi
+  wheels="$root.wheels"
+  rm -rf "$root" "$wheels"
+  log "assembling a CUDA $want toolkit root from NVIDIA's PyPI wheels in $root"
+  # The compiler's wheel first, alone: it decides whether this CUDA version has a compiler on PyPI.
+  "$VENV/bin/python" -m pip install -q --no-deps --target "$wheels" "nvidia-cuda-nvcc$suffix$pin" ||
+    die "could not install the wheel nvidia-cuda-nvcc$suffix$pin (see pip's message above)"
+  if ! ls "$wheels"/nvidia/*/bin/nvcc >/dev/null 2>&1; then
+    local has
+    has=$(cd "$wheels" && echo nvidia/*/bin/* nvidia/*/nvvm/*)
+    rm -rf "$wheels"
+    die "CUDA_WHEELS=$want: NVIDIA's wheel nvidia-cuda-nvcc$suffix holds no nvcc (only: $has).
+  NVIDIA ships the whole compiler as wheels from CUDA 13 on (CUDA_WHEELS=13; sm_75 and newer).
+  For older GPUs (Pascal sm_61, Volta sm_70) use an installed CUDA 11/12 toolkit: CUDA_ROOT=<its root>
+  (e.g. Debian's nvidia-cuda-toolkit, non-free: CUDA_ROOT=/usr CUDA_HOST_COMPILER=/usr/bin/g++-11)"
+  fi
+  ver=$(cd "$wheels" && ls -d nvidia_cuda_nvcc*.dist-info | sed -n 's/^nvidia_cuda_nvcc[^-]*-\([0-9.]*\)\.dist-info$/\1/p' | head -n1)
+  [ -n "$ver" ] || die "no version in the wheel nvidia-cuda-nvcc$suffix"
+  rm -rf "$wheels"
+  # Then everything in one pip call (a second call into the same --target would replace nvidia/):
+  # the compiler and its runtime at that release; cuBLAS, cuRAND and CCCL, which NVIDIA versions
+  # apart, the newest for this CUDA major version.
+  local below="<$((major + 1))" pkgs
+  [ -n "$suffix" ] && below=""
+  pkgs=("nvidia-cuda-nvcc$suffix==$ver" "nvidia-cuda-runtime$suffix==${ver%.*}.*" "nvidia-cublas$suffix$below"
+    "nvidia-curand$suffix" "nvidia-cuda-cccl$suffix$below")
+  [ "$major" -ge 13 ] && pkgs+=("nvidia-cuda-crt==$ver")
+  "$VENV/bin/python" -m pip install -q --target "$wheels" "${pkgs[@]}" ||
+    die "could not install the CUDA $ver wheels: ${pkgs[*]}"
+  mkdir -p "$root/bin" "$root/nvvm" "$root/include" "$root/lib" "$root/targets/x86_64-linux"
+  for d in "$wheels"/nvidia/*/; do
+    for sub in bin nvvm include lib; do
+      if [ -d "$d$sub" ]; then cp -alf "$d$sub/." "$root/$sub/"; fi
+    done
+  done
+  find "$root" -name '__init__.py' -delete
+  find "$root" -name '__pycache__' -prune -exec rm -rf {} +
+  ln -s lib "$root/lib64"
+  ln -s ../../include "$root/targets/x86_64-linux/include"
+  ln -s ../../lib "$root/targets/x86_64-linux/lib"
+  local f
+  for f in cudart cublas cublasLt curand; do # the wheels ship only lib<name>.so.<major>
+    [ -e "$root/lib/lib$f.so" ] || ln -s "$(cd "$root/lib" && ls "lib$f.so."* | head -n1)" "$root/lib/lib$f.so"
+  done
+  ls "$root"/bin/nvcc "$root"/nvvm/bin/cicc "$root"/include/cuda_runtime.h "$root"/include/cublas_v2.h \
+    "$root"/lib/libcudart.so "$root"/lib/libcublas.so "$root"/lib/libcurand.so >/dev/null ||
+    die "the toolkit root assembled from wheels in $root is incomplete (see above)"
+  rm -rf "$wheels" # the hard links keep the files
+  printf 'cuda %s\nwheels %s\n' "$ver" "$(date -u +%FT%TZ)" >"$root/.complete"
+  CUDA_ROOT=$root
+  log "CUDA $ver toolkit root from wheels: $root"
+}
+
 caffe_variant() {
   if [ "$CUDA" = 1 ]; then
     echo "cuda$("$CUDA_ROOT/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')-sm${CUDA_ARCH_BIN// /_}"
@@ -214,7 +289,16 @@ build_caffe() {
   local pyver variant patchset suffix label dir src tried=() fetch
   pyver=$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
   if [ "$CUDA" = 1 ]; then
-    [ -n "${CUDA_ROOT:-}" ] || assemble_cuda_root
+    if [ -n "${CUDA_WHEELS:-}" ]; then
+      assemble_wheel_root "$CUDA_WHEELS"
+    elif [ -z "${CUDA_ROOT:-}" ]; then
+      if command -v nvcc >/dev/null; then
+        assemble_cuda_root
+      else
+        log "CUDA=1: no nvcc on PATH; the toolkit from NVIDIA's wheels (CUDA_WHEELS=13)"
+        assemble_wheel_root 13
+      fi
+    fi
     [ -x "$CUDA_ROOT/bin/nvcc" ] || die "no nvcc at $CUDA_ROOT/bin/nvcc"
   fi
   variant=$(caffe_variant)
@@ -286,6 +370,7 @@ compile_caffe() { # $1 build dir, $2 source, $3 source label, $4 variant, $5 pyt
   if [ "$CUDA" = 1 ]; then
     cmake_args+=(-DCPU_ONLY=OFF -DUSE_CUDNN=OFF "-DCUDA_TOOLKIT_ROOT_DIR=$CUDA_ROOT" -DCUDA_ARCH_NAME=Manual
       "-DCUDA_ARCH_BIN=$CUDA_ARCH_BIN" "-DCUDA_ARCH_PTX=$CUDA_ARCH_PTX")
+    if [ -n "${CUDA_HOST_COMPILER:-}" ]; then cmake_args+=("-DCUDA_HOST_COMPILER=$CUDA_HOST_COMPILER"); fi
   else
     cmake_args+=(-DCPU_ONLY=ON)
   fi
@@ -317,7 +402,11 @@ link_venv() {
   local site pth
   site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   pth="$site/redseg.pth"
-  printf '%s\n%s\n%s\n' "$CAFFE_PY" "$REPO" "$REPO/python_layers" >"$pth.tmp" && mv "$pth.tmp" "$pth"
+  # Written only when it changes: a venv that is read-only to this user (a Docker image run with
+  # --user) already points at its Caffe.
+  if [ "$(cat "$pth" 2>/dev/null)" != "$(printf '%s\n%s\n%s' "$CAFFE_PY" "$REPO" "$REPO/python_layers")" ]; then
+    printf '%s\n%s\n%s\n' "$CAFFE_PY" "$REPO" "$REPO/python_layers" >"$pth.tmp" && mv "$pth.tmp" "$pth"
+  fi
   GLOG_minloglevel=2 "$VENV/bin/python" -c '
 import caffe
 assert "Python" in caffe.layer_type_list(), "this Caffe was built without the Python layer"
