@@ -18,7 +18,7 @@ TRAIN    := $(PY) tools/train.py --data $(DATA) --run $(RUN) --schedule $(SCHEDU
 
 DEMO     := runs/demo
 
-.PHONY: help setup cuda-check test lint prototxt data stage1 stage2 evaluate demo reproduce onnx vgg16 benchmark benchmark-onnx clean
+.PHONY: help setup cuda-check test lint prototxt data stage1 stage2 evaluate demo reproduce onnx package vgg16 benchmark benchmark-onnx clean
 
 help:
 	@echo "make setup      venv + BVLC Caffe with pycaffe (cached build; CAFFE_ROOT=... to use your own)"
@@ -32,6 +32,7 @@ help:
 	@echo "make stage1 stage2 [SCHEDULE=paper|demo|smoke] [GPU=0] [DATA=...] [RUN=...] [ITERS=N] [LR=x]"
 	@echo "make evaluate [IDRID=/path]  maps + metrics of $(WEIGHTS) -> $(RUN)/test (full-size labels with IDRID)"
 	@echo "make onnx [WEIGHTS=...] [FORCE=1]  export a trained model to ONNX -> $(ONNX) (docs/onnx.md)"
+	@echo "make package [RUN=...] [NAME=...] [FORCE=1]  the run's model as a checked package -> models/NAME (docs/model_package.md)"
 	@echo "make prototxt   regenerate prototxt/ from redseg/model/net.py"
 	@echo "make benchmark  [SIZE=712x1072] [GPU=0] timings -> runs/benchmark/ (docs/performance.md)"
 	@echo "make benchmark-onnx [SIZE=712x1072]  one photograph through pycaffe and ONNX Runtime (CPU)"
@@ -82,6 +83,8 @@ demo: setup
 	$(PY) tools/test_net.py --weights $(DEMO)/stage2_final.caffemodel --data $(DEMO)/data --gt $(DEMO)/idrid --out $(DEMO)/test
 	@echo "Demo finished. Report of the two-stage model: $(DEMO)/test/eval/report.md"
 	@echo "(metrics.json, pr_curves.png and overlays/ beside it; stage 1 alone, as in Table 2: $(DEMO)/test_stage1/eval/report.md)"
+	$(PY) tools/package_model.py --run $(DEMO) --out $(DEMO)/package --eval $(DEMO)/test --name redseg-demo-synthetic --force -q
+	@echo "The model as a package, labelled as trained on synthetic data: $(DEMO)/package (docs/model_package.md)"
 
 # Every experiment of the paper (Tables 2 and 5, Figures 6 and 7, the open choices) through the same
 # driver and evaluation -> $(REPRO)/reproduction.md (docs/reproduce.md). Without IDRID: the synthetic
@@ -98,6 +101,13 @@ reproduce: setup
 ONNX ?= $(WEIGHTS:.caffemodel=.onnx)
 onnx: setup
 	$(PY) tools/export_onnx.py --weights $(WEIGHTS) --out $(ONNX) $(if $(FORCE),--force,)
+
+# A trained model as one folder that others can check and use (docs/model_package.md): the weights,
+# the deploy net, both ONNX exports, readme.md (Caffe Model Zoo front matter + model card),
+# metadata.json, the run's evaluation and SHA256SUMS. tools/segment.py --model takes it.
+NAME ?= $(notdir $(RUN))
+package: setup
+	$(PY) tools/package_model.py --run $(RUN) --out models/$(NAME) $(if $(FORCE),--force,)
 
 # Speed and memory of the training iteration, the Python layers, the deploy pass and scoring
 # (docs/performance.md). SIZE=HxW, default the paper's 712x1072.
