@@ -930,26 +930,31 @@ def open_package(folder: str | os.PathLike) -> Package:
     return Package(root, metadata)
 
 
-def caffe_available() -> bool:
-    """Whether pycaffe imports here (it is then loaded)."""
+def caffe_available() -> str | None:
+    """None when pycaffe imports here (it is then loaded), else why not."""
     try:
         from redseg.toolchain.caffe_utils import import_caffe
 
         import_caffe()
-    except ImportError:
-        return False
-    return True
+    except ImportError as e:
+        return str(e)
+    return None
 
 
 def choose_backend(pkg: Package, backend: str = "auto") -> str:
     """``caffe`` or ``onnx``: as asked, or with ``auto`` Caffe when pycaffe imports, else ONNX Runtime."""
     if backend not in BACKENDS:
         raise PackageError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "auto":
-        backend = "caffe" if caffe_available() else "onnx"
-    if backend == "onnx" and not (pkg.root / ONNX).is_file():
+    if backend in ("auto", "caffe"):
+        why = caffe_available()
+        if why is None:
+            return "caffe"
+        if backend == "caffe":
+            raise PackageError(f"backend caffe asked for, but {why}; --backend onnx runs the package's ONNX model")
+        log.info("pycaffe does not import (%s): ONNX Runtime runs the package", why)
+    if not (pkg.root / ONNX).is_file():
         raise PackageError(f"{pkg.root} has no {ONNX}")
-    return backend
+    return "onnx"
 
 
 def segmenter(pkg: Package, backend: str = "auto", gpu: int | None = None, mean_bgr=None):
