@@ -27,6 +27,7 @@ help:
 	@echo "make cuda-check compile + link the CUDA build here (no GPU needed), .venv unchanged"
 	@echo "make demo       the whole pipeline on a synthetic fundus set -> runs/demo/report.md"
 	@echo "make reproduce [IDRID=/path] [SCHEDULE=smoke] [GPUS='0 1'] [RUN=runs/reproduce]  Tables 2, 5, Figs 6, 7 -> reproduction.md"
+	@echo "make reproduce LAUNCHER=slurm [SBATCH='--partition=gpu --gres=gpu:1 --time=8:00:00'] [SIGNAL_SECONDS=300]  as SLURM jobs (docs/cluster.md)"
 	@echo "make data IDRID=/path/to/IDRiD   prepare the official IDRiD segmentation set into $(DATA)"
 	@echo "make vgg16      fetch/validate ImageNet VGG16 weights into $(VGG16)"
 	@echo "make stage1 stage2 [SCHEDULE=paper|demo|smoke] [GPU=0] [DATA=...] [RUN=...] [ITERS=N] [LR=x]"
@@ -92,8 +93,14 @@ demo: setup
 GPUS     ?= $(GPU)
 REPRO    := $(if $(filter command line environment,$(origin RUN)),$(RUN),runs/reproduce)
 REPRO_SCHEDULE := $(if $(filter command line environment,$(origin SCHEDULE)),--schedule $(SCHEDULE),)
+# LAUNCHER=slurm: the same experiments as a SLURM job array and a gathering job (docs/cluster.md);
+# SBATCH: sbatch options for every job; SIGNAL_SECONDS: SIGUSR1 that long before the time limit.
+LAUNCHER ?=
+SBATCH   ?=
+SIGNAL_SECONDS ?=
+REPRO_SLURM := $(if $(LAUNCHER),--launcher $(LAUNCHER),) $(if $(SBATCH),--sbatch="$(SBATCH)",) $(if $(SIGNAL_SECONDS),--signal-seconds $(SIGNAL_SECONDS),)
 reproduce: setup
-	$(PY) tools/reproduce.py --run $(REPRO) $(REPRO_SCHEDULE) $(if $(IDRID),--idrid "$(IDRID)" $(if $(FROM_SCRATCH),--from-scratch,--weights $(VGG16)),) $(if $(strip $(GPUS)),--gpus $(GPUS),)
+	$(PY) tools/reproduce.py --run $(REPRO) $(REPRO_SCHEDULE) $(if $(IDRID),--idrid "$(IDRID)" $(if $(FROM_SCRATCH),--from-scratch,--weights $(VGG16)),) $(if $(strip $(GPUS)),--gpus $(GPUS),) $(REPRO_SLURM)
 
 # A trained model as ONNX (docs/onnx.md): checked against pycaffe before it is written; its sidecar's
 # mean, FOV diameter and thresholds go into the model's metadata. tools/segment.py --onnx runs it

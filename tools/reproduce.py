@@ -255,13 +255,17 @@ def run_task(s, exp, gpus: list[int]) -> int:
     """One experiment inside a SLURM task: the local runner's own path for it (the same folder,
     records and stamp), without preparing data (the submission did) or assembling (the gathering
     job does). Exits 75 when SIGUSR1/SIGTERM stopped it with a snapshot (the batch script requeues)."""
-    from redseg.experiments.reproduce import run_all
+    from redseg.experiments.reproduce import finished, run_all
     from redseg.fileio import is_complete
 
     data = s.data[exp.mask_rule]
     if not is_complete(data):
         raise FileNotFoundError(f"prepared set {data} is not there: the submission prepares it (submit again)")
     s.progress = False
+    snaps = s.folder(exp).glob(f"stage{exp.stage}_iter_*.solverstate")
+    states = [int(i) for p in snaps if (i := p.stem.rsplit("_", 1)[1]).isdigit()]
+    if states and not finished(s.folder(exp), exp):
+        logging.info("%s: resumes from its latest snapshot, iteration %d", exp.name, max(states))
     outcomes = run_all(s, [exp], gpus)
     return 0 if all(o.status in ("done", "skipped") for o in outcomes) else 1
 

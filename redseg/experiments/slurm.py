@@ -153,12 +153,15 @@ got=""
 pass_on() {{
     got=${{got:-$1}}
     echo "redseg: task $TASK: SIG$1 from SLURM at $(date '+%T'), passed to the experiment"
-    if [[ -n $child ]]; then kill -s "$1" "$child" 2>/dev/null || true; fi
+    # to the runner's process group: the runner and the training under it both stop at a safe point
+    if [[ -n $child ]]; then kill -s "$1" -- "-$child" 2>/dev/null || kill -s "$1" "$child" 2>/dev/null || true; fi
 }}
 trap 'pass_on USR1' USR1
 trap 'pass_on TERM' TERM
+set -m  # job control: the runner gets a process group of its own (its id is $child)
 "${{RUNNER[@]}}" --only "$NAME" --slurm-task "${{GPU[@]}}" &
 child=$!
+set +m
 while kill -0 "$child" 2>/dev/null; do wait "$child" || true; done  # a trapped signal ends a wait early
 rc=0
 wait "$child" || rc=$?

@@ -1,0 +1,306 @@
+"""`make reproduce LAUNCHER=slurm` (redseg/experiments/slurm.py) on a real SLURM, not a mock.
+
+The session starts a one-node cluster with tools/slurm_local.sh (Debian's slurm-wlm and munge:
+munged, slurmctld and slurmd on localhost, in a private folder) and stops it at the end. That needs
+root; SLURM is installed with apt-get when missing (as on CI, where .ci/run installs it first).
+Elsewhere the cluster tests skip and say why. What is checked, through real pycaffe and files:
+
+* the smoke reproduction submitted with `make reproduce SCHEDULE=smoke LAUNCHER=slurm` gives every
+  experiment the local runner's numbers on this machine, with logs named JOB_INDEX and two_stage
+  after stage1's task;
+* a second submission of the finished folder only gathers, and `make reproduce` here afterwards
+  only gathers too;
+* a task cancelled mid-way is reported "cancelled", its dependant "not run", and the others finish;
+  a USR1 to a training task's batch shell requeues it and the requeued task resumes from its
+  snapshot; submitting the folder again runs only what did not finish, resuming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from redseg import config as C
+from redseg.experiments import slurm
+from redseg.experiments.reproduce import EXPERIMENTS, Experiment
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "tools" / "slurm_local.sh"
+PORT = "6837"  # not SLURM's default 6817: a cluster started by hand on this machine stays untouched
+WAIT = 600  # seconds: every wait for the cluster is bounded
+
+
+def _sh(*args, timeout: float, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A one-node SLURM cluster for the session; SLURM_CONF points the clients at it."""
+    if os.geteuid() != 0:
+        pytest.skip("the one-node SLURM cluster runs its daemons as root: run the tests as root (as CI does)")
+    missing = [c for c in ("sbatch", "slurmctld", "slurmd", "munged") if shutil.which(c) is None]
+    if missing:
+        if shutil.which("apt-get") is None:
+            pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing) and there is no apt-get here")
+        proc = _sh("install", timeout=960)
+        if proc.returncode != 0:
+            pytest.skip(f"installing SLURM with apt-get failed: {(proc.stderr or proc.stdout).strip()[-300:]}")
+    folder = tempfile.mkdtemp(prefix="redseg-slurm-")  # short: munge's socket path must fit in 108 bytes
+    env = {**os.environ, "SLURM_LOCAL_DIR": folder, "SLURM_LOCAL_PORT": PORT}
+    old = os.environ.get("SLURM_CONF")
+    proc = _sh("start", timeout=180, env=env)
+    try:
+        assert proc.returncode == 0, f"tools/slurm_local.sh start failed:\n{proc.stdout}\n{proc.stderr}"
+        os.environ["SLURM_CONF"] = f"{folder}/slurm.conf"
+        yield Path(folder)
+    finally:
+        _sh("stop", timeout=180, env=env)
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def make_reproduce(run: Path, *variables: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`make reproduce` as a user types it (-o setup: Caffe is built; the suite's `make test` ran setup)."""
+    cmd = ["make", "-s", "-o", "setup", "reproduce", "SCHEDULE=smoke", f"RUN={run}", f"PY={sys.executable}", *variables]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def queued(ids: list[str]) -> list[str]:
+    proc = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(ids)], capture_output=True, text=True)
+    return proc.stdout.split("\n") if proc.returncode == 0 and proc.stdout.strip() else []
+
+
+def wait_for(run: Path, record: dict, timeout: float = WAIT) -> None:
+    """Until every job of the submission has left the queue (bounded; the logs in the message)."""
+    ids = [*record["jobs"], record["gather"]]
+    end = time.monotonic() + timeout
+    while queued(ids):
+        if time.monotonic() > end:
+            logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((run / "slurm").glob("*.log")))
+            raise AssertionError(f"jobs {ids} still queued after {timeout} s: {queued(ids)}\n{logs}")
+        time.sleep(0.5)
+
+
+def jobs(run: Path) -> dict:
+    return json.loads((run / "slurm" / "jobs.json").read_text())
+
+
+def results(run: Path) -> dict:
+    return json.loads((run / "reproduction.json").read_text())["experiments"]
+
+
+# --- no cluster needed ---------------------------------------------------------------------------
+
+
+def test_slurm_launcher_without_sbatch_says_so_in_one_line(tmp_path):
+    bin_dir = tmp_path / "bin"  # a PATH with the interpreter's folder and the basic tools, no SLURM
+    bin_dir.mkdir()
+    env = {**os.environ, "PATH": str(bin_dir)}
+    cmd = [sys.executable, str(REPO / "tools" / "reproduce.py"), "-q", "--run", str(tmp_path / "run")]
+    proc = subprocess.run([*cmd, "--schedule", "smoke", "--launcher", "slurm"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "needs `sbatch` on PATH" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing prepared before the check
+
+
+def test_plan_puts_dependants_after_their_parents_and_skips_finished():
+    done: set[str] = set()
+    first, later = slurm.plan(EXPERIMENTS, lambda e: e.name in done)
+    assert [e.name for _, e in first] == [e.name for e in EXPERIMENTS if e.name != "two_stage"]
+    assert [(i, e.name) for i, e in later] == [(1, "two_stage")]  # its index in the list: the array index
+    done = {"stage1", "ma_conv1-4"}
+    first, later = slurm.plan(EXPERIMENTS, lambda e: e.name in done)
+    assert "two_stage" in [e.name for _, e in first] and not later  # its parent is finished: ready
+    assert {e.name for _, e in first}.isdisjoint(done)
+    chain = [Experiment("c", "", (), after="b"), Experiment("b", "", (), after="a"), Experiment("a", "", ())]
+    first, later = slurm.plan(chain, lambda e: False)
+    assert [e.name for _, e in first] == ["a"] and [e.name for _, e in later] == ["b", "c"]
+
+
+def test_reconcile_reports_tasks_that_left_no_record(tmp_path):
+    """The gathering job's view of a submission: a cancelled task, its dependant, a killed task,
+    and a failure the runner recorded itself, each in the runner's record format."""
+    run = tmp_path / "run"
+    (run / "slurm").mkdir(parents=True)
+    exps = [
+        Experiment("p", "", ()),
+        Experiment("d", "", (), after="p"),
+        Experiment("k", "", ()),
+        Experiment("f", "", ()),
+    ]
+    (run / "slurm" / "jobs.json").write_text(
+        json.dumps({"submitted_unix": time.time() - 5, "tasks": {"p": "9_0", "d": "10_1", "k": "9_2", "f": "9_3"}})
+    )
+    (run / "slurm" / "9_0.exit").write_text("75 TERM 0\n")
+    (run / "f").mkdir()
+    (run / "f" / "experiment.json").write_text(json.dumps({"status": "failed", "error": "train exited with 1"}))
+    written = slurm.reconcile(run, exps, lambda e: False, lambda e: run / e.name / "experiment.json")
+    assert written == {"p": "cancelled", "d": "not run", "k": "failed"}
+    rec = {e.name: json.loads((run / e.name / "experiment.json").read_text()) for e in exps}
+    assert "9_0" in rec["p"]["error"] and "p did not finish" in rec["d"]["error"]
+    assert "killed, or never started" in rec["k"]["error"]
+    assert rec["f"] == {"status": "failed", "error": "train exited with 1"}  # the runner's own record stays
+
+
+# --- on the one-node cluster ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def submitted(cluster, tmp_path_factory):
+    """`make reproduce SCHEDULE=smoke LAUNCHER=slurm`, waited for; (run folder, its printout, seconds)."""
+    run = tmp_path_factory.mktemp("repro_slurm") / "run"
+    t0 = time.monotonic()
+    proc = make_reproduce(run, "LAUNCHER=slurm")
+    wait_for(run, jobs(run))
+    return run, proc.stdout, time.monotonic() - t0
+
+
+def test_smoke_reproduction_through_slurm_equals_the_local_run(submitted, smoke_local):
+    run, printout, seconds = submitted
+    record = jobs(run)
+    array = record["jobs"][0]
+    names = [e.name for e in EXPERIMENTS]
+    assert record["tasks"] == {  # one array, two_stage after stage1's task in an array of its own
+        **{n: f"{array}_{i}" for i, n in enumerate(names) if n != "two_stage"},
+        "two_stage": f"{record['jobs'][1]}_1",
+    }
+    assert record["after"] == {"two_stage": f"{array}_0"}
+    for name, task in record["tasks"].items():
+        log = (run / "slurm" / f"{task}.log").read_text()
+        assert f"task {task}: {name} on" in log and f"{name} exited 0" in log, log
+    for expected in (f"squeue -j {','.join([*record['jobs'], record['gather']])}", "tail -f", "scancel"):
+        assert expected in printout, printout
+    ours, local = results(run), smoke_local.experiments
+    assert set(ours) == set(local) == set(names)
+    for name in names:
+        assert ours[name]["status"] == "done", (name, ours[name].get("error"))
+        assert local[name]["status"] == "done", (name, local[name].get("error"))
+        assert ours[name]["metrics"] == local[name]["metrics"], name  # every number, to the last digit
+    for les in C.LESIONS:  # and the tables were assembled from them
+        auc = ours["two_stage"]["metrics"][les]["auc_pr"]
+        assert f"{auc:.4f}" in (run / "reproduction.md").read_text()
+    print(f"smoke reproduction through SLURM: {seconds:.0f} s")
+
+
+def test_a_second_submission_only_gathers_and_so_does_a_local_run(submitted):
+    run = submitted[0]
+    before = {p: p.stat().st_mtime_ns for p in run.glob("*/experiment.json")}
+    assert len(before) == len(EXPERIMENTS)
+    proc = make_reproduce(run, "LAUNCHER=slurm")
+    record = jobs(run)
+    assert record["tasks"] == {} and record["jobs"] == []
+    assert "finished already (skipped)" in proc.stdout
+    wait_for(run, record)
+    assert (run / "slurm" / f"gather_{record['gather']}.log").is_file()
+    t0 = time.monotonic()
+    make_reproduce(run)  # on the login node, afterwards: the same folder, nothing to train
+    assert time.monotonic() - t0 < 60
+    assert {p: p.stat().st_mtime_ns for p in run.glob("*/experiment.json")} == before
+    assert all(e["status"] in ("done", "skipped") for e in results(run).values())
+
+
+def _rows(path: Path) -> int:
+    try:
+        return len(path.read_text().splitlines()) - 1
+    except OSError:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def interrupted(cluster, tmp_path_factory):
+    """stage1, two_stage and ma_conv1-4 on photographs twice the smoke size (about 0.5-1 s per
+    iteration here, so a signal lands mid-training): stage1 cancelled (scancel) and ma_conv1-4
+    sent USR1 (scancel --signal=USR1 --batch) once each has logged two iterations."""
+    run = tmp_path_factory.mktemp("repro_interrupted") / "run"
+    only = ["stage1", "two_stage", "ma_conv1-4"]
+    tool = [sys.executable, str(REPO / "tools" / "reproduce.py"), "-q", "--no-progress", "--run", str(run)]
+    tool += ["--schedule", "smoke", "--synthetic-size", "256x384", "--launcher", "slurm", "--only", *only]
+    proc = subprocess.run(tool, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    record = jobs(run)
+    pending = {"stage1": ["scancel", record["tasks"]["stage1"]]}
+    pending["ma_conv1-4"] = ["scancel", "--signal=USR1", "--batch", record["tasks"]["ma_conv1-4"]]
+    sent: dict[str, int] = {}
+    end = time.monotonic() + 300
+    while pending and time.monotonic() < end:
+        for name in list(pending):
+            done = _rows(run / name / "stage1_log.csv")
+            if done >= 2:
+                subprocess.run(pending.pop(name), check=True, timeout=60)
+                sent[name] = done
+        time.sleep(0.05)
+    assert not pending, f"never saw two iterations of {list(pending)}"
+    # SLURM 22.05 holds a requeued job for about two minutes (its EligibleTime); the test does not wait
+    task = record["tasks"]["ma_conv1-4"]
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        state = subprocess.run(["squeue", "-h", "-o", "%T %r", "-j", task], capture_output=True, text=True).stdout
+        if "BeginTime" in state:
+            subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True, timeout=60)
+            break
+        time.sleep(0.2)
+    wait_for(run, record)
+    return run, record, sent
+
+
+def test_a_cancelled_task_is_reported_and_the_others_finish(interrupted):
+    run, record, sent = interrupted
+    exps = results(run)
+    assert exps["stage1"]["status"] == "cancelled", exps["stage1"]
+    assert record["tasks"]["stage1"] in exps["stage1"]["error"]
+    assert exps["two_stage"]["status"] == "not run" and "stage1 did not finish" in exps["two_stage"]["error"]
+    assert exps["ma_conv1-4"]["status"] == "done"
+    table2 = (run / "reproduction.md").read_text().split("## Table 2")[1].split("## Table 5")[0]
+    assert "| stage 1 only (Top-k CE) † | ours | cancelled |" in table2
+    assert "| two stages (Red-Seg) † | ours | not run |" in table2
+    # stopped at an iteration boundary with a snapshot, not killed mid-way
+    states = sorted(run.glob("stage1/stage1_iter_*.solverstate"))
+    assert states, "the cancelled task left no snapshot to resume from"
+
+
+def test_usr1_requeues_the_task_and_it_resumes_from_its_snapshot(interrupted):
+    run, record, sent = interrupted
+    task = record["tasks"]["ma_conv1-4"]
+    log = (run / "slurm" / f"{task}.log").read_text()
+    assert "SIGUSR1 from SLURM" in log and f"requeueing (scontrol requeue {task})" in log, log
+    assert ", start 2," in log, log  # SLURM ran the task a second time
+    resumed = [line for line in log.splitlines() if "resumes from its latest snapshot, iteration" in line]
+    assert resumed and int(resumed[-1].rsplit(" ", 1)[1]) >= sent["ma_conv1-4"] > 0, log
+    assert "ma_conv1-4 exited 0" in log
+    exp = run / "ma_conv1-4"
+    assert (exp / ".complete").is_file()
+    assert not list(exp.glob("previous-stage1-*"))  # resumed, not restarted
+    iters = [r.split(",")[0] for r in (exp / "stage1_log.csv").read_text().splitlines()[1:]]
+    assert iters == [str(i) for i in range(1, 11)]  # every iteration once
+
+
+def test_submitting_again_runs_only_what_did_not_finish_and_resumes_it(interrupted):
+    run = interrupted[0]
+    finished_before = (run / "ma_conv1-4" / "experiment.json").stat().st_mtime_ns
+    tool = [sys.executable, str(REPO / "tools" / "reproduce.py"), "-q", "--no-progress", "--run", str(run)]
+    tool += ["--schedule", "smoke", "--synthetic-size", "256x384", "--launcher", "slurm"]
+    proc = subprocess.run([*tool, "--only", "stage1", "two_stage", "ma_conv1-4"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    record = jobs(run)
+    assert sorted(record["tasks"]) == ["stage1", "two_stage"] and record["skipped"] == ["ma_conv1-4"]
+    wait_for(run, record)
+    exps = results(run)
+    assert exps["stage1"]["status"] == exps["two_stage"]["status"] == exps["ma_conv1-4"]["status"] == "done"
+    assert (run / "ma_conv1-4" / "experiment.json").stat().st_mtime_ns == finished_before
+    log = (run / "slurm" / f"{record['tasks']['stage1']}.log").read_text()
+    assert "stage1: resumes from its latest snapshot" in log, log
+    assert not list((run / "stage1").glob("previous-stage1-*"))
