@@ -26,16 +26,29 @@ cannot be told). A centroid exactly on an axis goes to inferior / right.
 :func:`screen` runs a batch, writes each photograph's maps, overlay and thumbnail, and
 :func:`write_summary` the summary (``summary.csv``, ``summary.json``, ``index.html``). Nothing here
 imports Caffe or ONNX Runtime: the caller passes the segmenter.
+
+At scale (docs/segment.md#many-photographs-parts-and-merging): a batch splits into parts
+(:func:`part_indices`, photograph i goes to part i mod N), each run anywhere (a SLURM array task
+each) into the same output folder. Output names are fixed by the whole input list
+(:func:`output_stems`), so a part writes exactly the files a single run would. Each finished
+photograph leaves a record (``records/<name>.json``, written after its images: the commit point),
+and a rerun with the same model and settings does no work for a photograph whose record matches
+it (same path, size and modification time; its files present). A part writes its summary rows to
+``parts/part-<I>-of-<N>.json``; :func:`merge_parts` checks that every part is there and that all
+agree on inputs, model and settings, and writes the one summary, identical to a single run's.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
 import io
+import json
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +58,11 @@ import cv2
 import numpy as np
 
 from redseg import config as C
+from redseg.cli import EXIT_PREEMPTED, Preempted
 from redseg.config import LESIONS
 from redseg.data.fov import FieldOfView, FovError, find_fov
 from redseg.evaluation.metrics import u8_threshold
-from redseg.fileio import write_image, write_json, write_text
+from redseg.fileio import read_json_object, write_image, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +111,18 @@ class Settings:
             "quadrants": QUADRANT_RULE,
             "disclaimer": DISCLAIMER,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Settings:
+        """The settings :meth:`as_dict` wrote (a part's summary)."""
+        return cls(
+            float(d["fov_diameter_px"]),
+            d["fov_source"],
+            {k: float(v) for k, v in d["thresholds"].items()},
+            dict(d["threshold_sources"]),
+            int(d["min_component_px"]),
+            d["model"],
+        )
 
 
 def resolve_settings(
@@ -330,12 +356,77 @@ COLUMNS = (
 )
 
 
-def _unique_stem(path: Path, used: set[str]) -> str:
-    stem, i = path.stem, 2
-    while stem.lower() in used:
-        stem, i = f"{path.stem}_{i}", i + 1
-    used.add(stem.lower())
-    return stem
+def output_stems(paths: Sequence[Path]) -> list[str]:
+    """Each input's output name (``<stem>_ma.png``, ...): its file name's stem, ``<stem>_2``, ``_3``
+    ... for later inputs of the same name (any case: two folders may hold ``eye.jpg``).
+
+    Decided by the whole input list, whichever photographs turn out unreadable, so that a part of
+    a split batch names every file exactly as a single run of the whole batch does.
+    """
+    used: set[str] = set()
+    out = []
+    for path in paths:
+        stem, i = path.stem, 2
+        while stem.lower() in used:
+            stem, i = f"{path.stem}_{i}", i + 1
+        used.add(stem.lower())
+        out.append(stem)
+    return out
+
+
+def part_indices(n_inputs: int, num_parts: int, part_id: int) -> list[int]:
+    """The inputs of part ``part_id`` of ``num_parts``: every ``num_parts``-th from ``part_id``
+    (round robin over the input list, so that one folder of large photographs spreads over all
+    parts). ScreeningError names the value when the part does not exist."""
+    if num_parts < 1:
+        raise ScreeningError(f"--num-parts must be at least 1, got {num_parts}")
+    if not 0 <= part_id < num_parts:
+        raise ScreeningError(f"--part-id must be in 0..{num_parts - 1} for --num-parts {num_parts}, got {part_id}")
+    return list(range(part_id, n_inputs, num_parts))
+
+
+def inputs_digest(paths: Sequence[Path]) -> str:
+    """SHA-256 of the input list as given: parts of one batch must agree on it."""
+    return hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()
+
+
+def fingerprint_digest(settings: Settings, fingerprint: dict) -> str:
+    """SHA-256 of everything that decides a photograph's outputs besides the photograph: the
+    settings, and ``fingerprint`` (the caller's: the model file's digest, the input mean...)."""
+    both = {"settings": settings.as_dict(), "model": fingerprint}
+    return hashlib.sha256(json.dumps(both, sort_keys=True).encode()).hexdigest()
+
+
+def _identity(path: Path) -> list[int] | None:
+    """Size and modification time of an input (None when it is missing): a record made from other
+    bytes is not reused."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+RECORDS = "records"
+FILE_COLUMNS = ("ma_map", "he_map", "overlay", "thumbnail")
+
+
+def _record_path(out: Path, stem: str) -> Path:
+    return out / RECORDS / f"{stem}.json"
+
+
+def _reusable(out: Path, stem: str, path: Path, fp: str) -> dict | None:
+    """The summary row a finished photograph left (:func:`screen`), or None when there is none or it
+    does not match: another input, other bytes, other settings or model, or a file missing."""
+    rec = read_json_object(_record_path(out, stem))
+    if not rec or rec.get("input") != str(path) or rec.get("fingerprint") != fp:
+        return None
+    if rec.get("identity") != _identity(path) or not isinstance(rec.get("row"), dict):
+        return None
+    row = rec["row"]
+    if row.get("status") == "ok" and not all(row.get(k) and (out / row[k]).is_file() for k in FILE_COLUMNS):
+        return None
+    return row
 
 
 def _blank_row(path: Path, settings: Settings) -> dict:
@@ -354,65 +445,109 @@ def screen(
     settings: Settings,
     out: Path,
     progress: bool = True,
+    indices: Sequence[int] | None = None,
+    fingerprint: dict | None = None,
+    stop: Callable[[], str | None] | None = None,
 ) -> list[dict]:
-    """Segment every photograph in ``paths`` into ``out`` (maps, overlay, thumbnail); one summary
-    row each (:data:`COLUMNS`). A photograph that cannot be read or shows no FOV is skipped with
-    its reason in ``status``; the batch goes on."""
+    """Segment the photographs in ``paths`` into ``out`` (maps, overlay, thumbnail); one summary row
+    each (:data:`COLUMNS`). A photograph that cannot be read or shows no FOV is skipped with its
+    reason in ``status``; the batch goes on.
+
+    ``indices``: only these of ``paths`` (a part; default all), rows in that order. ``fingerprint``
+    (what else decides the outputs: the model file's digest, the input mean...): each photograph
+    done leaves its record, and one whose record matches is not segmented again (module doc).
+    ``stop``: asked between photographs; when it names a signal, the batch stops there and raises
+    :class:`redseg.cli.Preempted` (the photographs done keep their records).
+    """
     from tqdm import tqdm
 
     from redseg.evaluation.report import draw_overlay
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "thumbs").mkdir(exist_ok=True)
-    rows, used = [], set()
-    for path in tqdm(paths, desc="segment", unit="photo", disable=not progress):
-        row = _blank_row(path, settings)
-        rows.append(row)
-        try:
-            img = read_photo(path)
-            res = segment_photo(img, segment, settings, str(path))
-        except (ScreeningError, FovError) as e:
-            msg = str(e)
-            prefix = f"{path}: "
-            row["status"] = "skipped: " + (msg[len(prefix) :] if msg.startswith(prefix) else msg)
-            log.warning("%s skipped: %s", path, row["status"][len("skipped: ") :])
+    stems = output_stems(paths)
+    todo = range(len(paths)) if indices is None else indices
+    fp = fingerprint_digest(settings, fingerprint) if fingerprint is not None else None
+    if fp is not None:
+        (out / RECORDS).mkdir(exist_ok=True)
+    rows, reused = [], 0
+    for n_done, i in enumerate(tqdm(todo, desc="segment", unit="photo", disable=not progress)):
+        signal_name = stop() if stop is not None else None
+        if signal_name:
+            log.warning(
+                "%s: stopped after %d of %d photographs; exit %d (preempted, resumable): run the same command "
+                "again, the photographs done are not redone",
+                signal_name, n_done, len(todo), EXIT_PREEMPTED,
+            )  # fmt: skip
+            raise Preempted(f"stopped after {n_done} of {len(todo)} photographs")
+        path, stem = paths[i], stems[i]
+        if fp is not None and (row := _reusable(out, stem, path, fp)) is not None:
+            rows.append(row)
+            reused += 1
             continue
-        stem = _unique_stem(path, used)
-        files = {
-            "ma_map": f"{stem}_ma.png",
-            "he_map": f"{stem}_he.png",
-            "overlay": f"{stem}_overlay.png",
-            "thumbnail": f"thumbs/{stem}.jpg",
-        }
-        write_image(out / files["ma_map"], res.maps["MA"])
-        write_image(out / files["he_map"], res.maps["HE"])
-        write_image(out / files["overlay"], draw_overlay(stem, img, res.maps))
-        h, w = img.shape[:2]
-        tw = min(THUMB_WIDTH, w)
-        thumb = cv2.resize(img, (tw, max(1, round(h * tw / w))), interpolation=cv2.INTER_AREA)
-        write_image(out / files["thumbnail"], thumb, [cv2.IMWRITE_JPEG_QUALITY, 85])
-        row.update(files)
-        row.update(
-            {
-                "status": "ok",
-                "width": w,
-                "height": h,
-                "fov_found_from": "border" if res.fov.border else "no border: the frame taken as the FOV",
-                "fov_cx": round(res.fov.cx, 2),
-                "fov_cy": round(res.fov.cy, 2),
-                "fov_diameter_px": round(res.fov.diameter, 2),
-                "scale_to_net": round(res.scale, 6),
-                "ma_count": res.counts["MA"]["count"],
-                "he_count": res.counts["HE"]["count"],
-                "he_area_px": res.he_area_px,
-                "he_area_fraction_of_fov": round(res.he_area_px / max(1, res.fov_area_px), 8),
-            }
+        identity = _identity(path)
+        row = _segment_one(path, stem, segment, settings, out, draw_overlay)
+        rows.append(row)
+        if fp is not None:  # last: the photograph's files are all in place
+            rec = {"input": str(path), "identity": identity, "fingerprint": fp, "row": row}
+            write_json(_record_path(out, stem), rec)
+    if reused:
+        log.info(
+            "%d of %d photographs done before (records in %s): not segmented again",
+            reused,
+            len(todo),
+            out / RECORDS,
         )
-        for les in LESIONS:
-            for q, n in res.counts[les]["quadrants"].items():
-                row[f"{les.lower()}_{q}"] = n
-        log.info("%s: MA %d, HE %d", path, row["ma_count"], row["he_count"])
     return rows
+
+
+def _segment_one(path: Path, stem: str, segment: Segment, settings: Settings, out: Path, draw_overlay) -> dict:
+    """One photograph: its files in ``out`` and its summary row."""
+    row = _blank_row(path, settings)
+    try:
+        img = read_photo(path)
+        res = segment_photo(img, segment, settings, str(path))
+    except (ScreeningError, FovError) as e:
+        msg = str(e)
+        prefix = f"{path}: "
+        row["status"] = "skipped: " + (msg[len(prefix) :] if msg.startswith(prefix) else msg)
+        log.warning("%s skipped: %s", path, row["status"][len("skipped: ") :])
+        return row
+    files = {
+        "ma_map": f"{stem}_ma.png",
+        "he_map": f"{stem}_he.png",
+        "overlay": f"{stem}_overlay.png",
+        "thumbnail": f"thumbs/{stem}.jpg",
+    }
+    write_image(out / files["ma_map"], res.maps["MA"])
+    write_image(out / files["he_map"], res.maps["HE"])
+    write_image(out / files["overlay"], draw_overlay(stem, img, res.maps))
+    h, w = img.shape[:2]
+    tw = min(THUMB_WIDTH, w)
+    thumb = cv2.resize(img, (tw, max(1, round(h * tw / w))), interpolation=cv2.INTER_AREA)
+    write_image(out / files["thumbnail"], thumb, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    row.update(files)
+    row.update(
+        {
+            "status": "ok",
+            "width": w,
+            "height": h,
+            "fov_found_from": "border" if res.fov.border else "no border: the frame taken as the FOV",
+            "fov_cx": round(res.fov.cx, 2),
+            "fov_cy": round(res.fov.cy, 2),
+            "fov_diameter_px": round(res.fov.diameter, 2),
+            "scale_to_net": round(res.scale, 6),
+            "ma_count": res.counts["MA"]["count"],
+            "he_count": res.counts["HE"]["count"],
+            "he_area_px": res.he_area_px,
+            "he_area_fraction_of_fov": round(res.he_area_px / max(1, res.fov_area_px), 8),
+        }
+    )
+    for les in LESIONS:
+        for q, n in res.counts[les]["quadrants"].items():
+            row[f"{les.lower()}_{q}"] = n
+    log.info("%s: MA %d, HE %d", path, row["ma_count"], row["he_count"])
+    return row
 
 
 def write_summary(out: Path, rows: list[dict], settings: Settings) -> dict[str, Path]:
@@ -437,6 +572,116 @@ def write_summary(out: Path, rows: list[dict], settings: Settings) -> dict[str, 
     )
     write_text(paths["html"], render_html(rows, settings))
     return paths
+
+
+PARTS = "parts"
+_PART_NAME = re.compile(r"^part-(\d+)-of-(\d+)\.json$")
+
+
+def part_path(out: Path, part_id: int, num_parts: int) -> Path:
+    return out / PARTS / f"part-{part_id}-of-{num_parts}.json"
+
+
+def write_part(
+    out: Path,
+    rows: list[dict],
+    indices: Sequence[int],
+    settings: Settings,
+    part_id: int,
+    num_parts: int,
+    paths: Sequence[Path],
+    fingerprint: dict,
+) -> Path:
+    """A finished part's summary rows, ``parts/part-<I>-of-<N>.json``, with what :func:`merge_parts`
+    checks: the whole input list's digest, the model and the settings. Written (atomically) only
+    when the part has finished: its presence means done."""
+    doc = {
+        "part": part_id,
+        "parts": num_parts,
+        "n_inputs": len(paths),
+        "inputs_sha256": inputs_digest(paths),
+        "fingerprint": fingerprint_digest(settings, fingerprint),
+        "model": fingerprint,
+        "settings": settings.as_dict(),
+        "photos": [{"index": i, "row": row} for i, row in zip(indices, rows, strict=True)],
+    }
+    path = part_path(out, part_id, num_parts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_json(path, doc)
+
+
+def _disagreement(a: dict, b: dict) -> str:
+    """What differs between two parts' model and settings, for the message that refuses a merge."""
+    fa, fb = {**a.get("settings", {}), **a.get("model", {})}, {**b.get("settings", {}), **b.get("model", {})}
+    keys = [k for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+    return "; ".join(f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in keys[:4]) or "their fingerprints differ"
+
+
+def merge_parts(out: Path) -> tuple[list[dict], Settings]:
+    """The rows of a split batch in input order and its settings, from ``out/parts/``; the caller
+    writes them with :func:`write_summary`, which then gives a single run's summary, byte for byte.
+
+    Refused (ScreeningError naming the files) when no part is there, when parts of different
+    splits are there, when a part is missing or unfinished, or when parts disagree on the inputs,
+    the model or the settings: a merged summary must be one batch's.
+    """
+    folder = out / PARTS
+    found = {}
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if m := _PART_NAME.match(p.name):
+                found[int(m.group(1)), int(m.group(2))] = p
+    if not found:
+        raise ScreeningError(
+            f"no part summaries in {folder}: run tools/segment.py --num-parts N --part-id I ... --out {out} first"
+        )
+    splits = sorted({n for _, n in found})
+    if len(splits) > 1:
+        raise ScreeningError(
+            f"{folder} holds parts of different splits ({', '.join(f'of {n}' for n in splits)}); "
+            "remove the part files of the split you do not want, then merge again"
+        )
+    n = splits[0]
+    missing = [i for i in range(n) if (i, n) not in found]
+    if missing:
+        names = ", ".join(part_path(out, i, n).name for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise ScreeningError(
+            f"{len(missing)} of {n} parts missing in {folder} (not run, or not finished): {names}; "
+            "run them (the same command with --part-id I), then merge again"
+        )
+    docs = []
+    for i in range(n):
+        p = found[i, n]
+        d = read_json_object(p)
+        if d is None or d.get("part") != i or d.get("parts") != n or not isinstance(d.get("photos"), list):
+            raise ScreeningError(f"{p}: not a part summary written by tools/segment.py")
+        docs.append((p, d))
+    (p0, d0) = docs[0]
+    for p, d in docs[1:]:
+        if (d.get("n_inputs"), d.get("inputs_sha256")) != (d0.get("n_inputs"), d0.get("inputs_sha256")):
+            raise ScreeningError(
+                f"{p.name} and {p0.name} in {folder} split different input lists ({d.get('n_inputs')} and "
+                f"{d0.get('n_inputs')} inputs): every part must be given the same inputs"
+            )
+        if d.get("fingerprint") != d0.get("fingerprint"):
+            raise ScreeningError(
+                f"{p.name} and {p0.name} in {folder} disagree on the model or settings ({_disagreement(d0, d)}): "
+                "run every part with the same model and options"
+            )
+    rows: dict[int, dict] = {}
+    for _, d in docs:
+        for ph in d["photos"]:
+            rows[int(ph["index"])] = ph["row"]
+    n_inputs = int(d0["n_inputs"])
+    if sorted(rows) != list(range(n_inputs)):
+        raise ScreeningError(f"the parts in {folder} do not cover the {n_inputs} inputs exactly once")
+    ordered = [rows[i] for i in range(n_inputs)]
+    lost = [r[k] for r in ordered if r.get("status") == "ok" for k in FILE_COLUMNS if not (out / r[k]).is_file()]
+    if lost:
+        raise ScreeningError(
+            f"{len(lost)} files the parts wrote are gone from {out}, e.g. {lost[0]}: run the parts again"
+        )
+    return ordered, Settings.from_dict(d0["settings"])
 
 
 _CSS = """body{font-family:sans-serif;margin:1.5em;color:#222}

@@ -318,3 +318,42 @@ def test_settings_precedence():
     with pytest.raises(S.ScreeningError):
         S.resolve_settings("m", None, None, "x", min_size=-1)
     assert math.isclose(S.resolve_settings("m", None, None, "x", data_fov=(None, "d")).fov_diameter_px, 888.1)
+
+
+# --- parts and merging ----------------------------------------------------------------------------
+
+
+def test_output_names_and_parts_follow_the_whole_input_list():
+    paths = [Path("a/eye.jpg"), Path("b/EYE.png"), Path("b/x.jpg"), Path("c/eye.tif")]
+    assert S.output_stems(paths) == ["eye", "EYE_2", "x", "eye_3"]  # an unreadable first eye still holds "eye"
+    assert [S.part_indices(7, 3, i) for i in range(3)] == [[0, 3, 6], [1, 4], [2, 5]]
+    assert S.part_indices(2, 4, 3) == []  # more parts than photographs: an empty part
+    for n, i in ((2, 2), (2, -1), (0, 0)):
+        with pytest.raises(S.ScreeningError, match="--part-id|--num-parts"):
+            S.part_indices(5, n, i)
+
+
+def test_merge_refuses_stale_or_broken_parts(batch, tmp_path):
+    """Parts of two splits, a part file that is not one, parts of other inputs: refused, naming them."""
+    out = tmp_path / "out"
+    s = settings(fov_d=120.0)
+    paths = S.list_inputs([batch])
+    fp = {"model_sha256": "0" * 64}
+    for i in range(2):
+        idx = S.part_indices(len(paths), 2, i)
+        rows = S.screen(paths, ColourNet(), s, out, progress=False, indices=idx, fingerprint=fp)
+        S.write_part(out, rows, idx, s, i, 2, paths, fp)
+    merged, s2 = S.merge_parts(out)
+    whole = S.screen(paths, ColourNet(), s, tmp_path / "one", progress=False)
+    assert merged == whole and s2 == s
+    S.write_part(out, [], [], s, 0, 3, paths, fp)
+    with pytest.raises(S.ScreeningError, match="different splits \\(of 2, of 3\\)"):
+        S.merge_parts(out)
+    (out / "parts" / "part-0-of-3.json").unlink()
+    (out / "parts" / "part-1-of-2.json").write_text('{"part": 1')  # not a whole part
+    with pytest.raises(S.ScreeningError, match="part-1-of-2.json: not a part summary"):
+        S.merge_parts(out)
+    idx = S.part_indices(len(paths) - 1, 2, 1)
+    S.write_part(out, [{}] * len(idx), idx, s, 1, 2, paths[:-1], fp)
+    with pytest.raises(S.ScreeningError, match="different input lists"):
+        S.merge_parts(out)

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -144,3 +147,134 @@ def test_exit_status_when_every_file_fails(onnx_model, photos, tmp_path):
     assert segment("--out", out, photos).returncode == 2  # no model: a usage error
     proc = segment("--onnx", onnx_model, "--out", photos, photos)
     assert proc.returncode == 1 and "--out" in proc.stderr  # never writes among the user's photographs
+
+
+# --- many photographs: parts, merge, reruns -------------------------------------------------------
+
+
+def segment_env(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    cmd = [sys.executable, str(TOOL), "--no-progress", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**base, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def two_folders(photos, tmp_path_factory) -> list[Path]:
+    """The photos plus a second folder holding another eye1: its outputs are eye1_2_*, whichever
+    part it falls in."""
+    other = tmp_path_factory.mktemp("other")
+    img = render_fundus(np.random.default_rng(7), SyntheticParams(160, 106)).image
+    cv2.imwrite(str(other / "eye1.png"), img)
+    return [photos, other]
+
+
+def outputs(out: Path) -> dict[str, bytes]:
+    """Every file a run wrote, by relative path, but its bookkeeping (records/, parts/)."""
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in out.rglob("*")
+        if p.is_file() and p.relative_to(out).parts[0] not in ("records", "parts")
+    }
+
+
+def test_two_parts_merged_give_exactly_a_single_runs_summary(model, two_folders, tmp_path):
+    """Part 0 by the options, part 1 by SLURM's array variables, into one folder; --merge writes
+    the summary files byte for byte as one run of the whole batch does, and every map the same."""
+    single = tmp_path / "single"
+    proc = segment_env("--weights", model, "--out", single, *two_folders)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "parts"
+    proc = segment_env("--weights", model, "--out", out, "--num-parts", 2, "--part-id", 0, *two_folders)
+    assert proc.returncode == 0, proc.stderr
+    assert "part 0 of 2" in proc.stdout and not (out / "summary.csv").exists()
+    proc = segment_env("-q", "--merge", out)
+    assert proc.returncode == 1 and "1 of 2 parts missing" in proc.stderr and "part-1-of-2.json" in proc.stderr
+    array = {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "3"}  # --array=3-4
+    proc = segment_env("--weights", model, "--out", out, *two_folders, env=array)
+    assert proc.returncode == 0, proc.stderr
+    assert "part 1 of 2 ($SLURM_ARRAY_TASK_COUNT, $SLURM_ARRAY_TASK_ID 4 - $SLURM_ARRAY_TASK_MIN 3)" in proc.stderr
+    assert sorted(p.name for p in (out / "parts").iterdir()) == ["part-0-of-2.json", "part-1-of-2.json"]
+    proc = segment_env("--merge", out)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("summary.csv", "summary.json", "index.html"):
+        assert (out / name).read_bytes() == (single / name).read_bytes(), name
+    assert outputs(out) == outputs(single)
+    assert "eye1_2_ma.png" in outputs(out)  # the second eye1 (index 3: part 1) named as in one run
+
+
+def test_a_rerun_does_no_work_for_finished_photographs_and_redoes_a_damaged_one(model, two_folders, tmp_path):
+    out = tmp_path / "out"
+    args = ("--weights", model, "--out", out, "--num-parts", 2, "--part-id", 1, *two_folders)
+    assert segment_env(*args).returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    assert set(before) == {out / f"{s}_{k}.png" for s in ("eye2", "eye1_2") for k in ("ma", "he", "overlay")}
+    proc = segment_env(*args)
+    assert proc.returncode == 0 and "2 of 2 photographs done before" in proc.stderr, proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before  # nothing written again
+    # a record cut short (never trusted), a map gone: those photographs are segmented again
+    rec = out / "records" / "eye2.json"
+    rec.write_text(rec.read_text()[:40])
+    (out / "eye1_2_he.png").unlink()
+    proc = segment_env(*args)
+    assert proc.returncode == 0 and "photographs done before" not in proc.stderr, proc.stderr
+    assert (out / "eye1_2_he.png").is_file() and (out / "eye2_ma.png").stat().st_mtime_ns != before[out / "eye2_ma.png"]
+    assert json.loads(rec.read_text())["row"]["status"] == "ok"
+    # other settings: not reused, and the parts then disagree
+    assert segment_env("--weights", model, "--out", out, "--num-parts", 2, "--part-id", 0, *two_folders).returncode == 0
+    proc = segment_env(*args, "--threshold", "0.9")
+    assert proc.returncode == 0 and "done before" not in proc.stderr
+    proc = segment_env("-q", "--merge", out)
+    assert proc.returncode == 1 and "disagree on the model or settings" in proc.stderr and "thresholds" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (out / "summary.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (("--num-parts", 2, "--part-id", 2), {}, "--part-id must be in 0..1 for 2 parts, got 2"),
+        (("--num-parts", 0, "--part-id", 0), {}, "--num-parts must be at least 1, got 0"),
+        (("--num-parts", 3), {}, "--num-parts 3 needs --part-id I (0..2)"),
+        (
+            (),
+            {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "5"},
+            "got 5 ($SLURM_ARRAY_TASK_COUNT, $SLURM_ARRAY_TASK_ID 5",
+        ),
+        ((), {"SLURM_ARRAY_TASK_COUNT": "two", "SLURM_ARRAY_TASK_ID": "1"}, "$SLURM_ARRAY_TASK_COUNT is 'two'"),
+    ],
+)
+def test_a_part_that_does_not_exist_is_one_clear_line(onnx_model, photos, tmp_path, args, env, message):
+    proc = segment_env("-q", "--onnx", onnx_model, "--out", tmp_path / "o", *args, photos, env=env)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_merge_usage_errors(photos, tmp_path):
+    assert segment_env("--merge", tmp_path, photos).returncode == 2  # --merge takes no photographs
+    assert segment_env("--out", tmp_path / "o").returncode == 2  # nothing to segment
+    proc = segment_env("-q", "--merge", tmp_path / "empty")
+    assert proc.returncode == 1 and "no part summaries in" in proc.stderr
+
+
+def test_sigusr1_stops_after_a_photograph_with_75_and_the_rerun_finishes(model, tmp_path):
+    """A scheduler's signal mid-batch: the photograph in hand is finished, exit 75; the rerun does
+    only the rest and the summary lists them all."""
+    src = tmp_path / "many"
+    src.mkdir()
+    img = render_fundus(np.random.default_rng(1), SyntheticParams(160, 106)).image
+    for i in range(8):
+        cv2.imwrite(str(src / f"eye{i}.png"), img)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(TOOL), "--no-progress", "--weights", str(model), "--out", str(out), str(src)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list((out / "records").glob("*.json")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert "SIGUSR1: stopped after" in err and "preempted, resumable" in err
+    done = len(list((out / "records").glob("*.json")))
+    assert 1 <= done < 8 and not (out / "summary.csv").exists()
+    proc = segment_env("--weights", model, "--out", out, src)
+    assert proc.returncode == 0 and f"{done} of 8 photographs done before" in proc.stderr, proc.stderr
+    assert [r["status"] for r in rows(out).values()] == ["ok"] * 8
