@@ -38,6 +38,15 @@ PORT = "6837"  # not SLURM's default 6817: a cluster started by hand on this mac
 WAIT = 600  # seconds: every wait for the cluster is bounded
 
 
+@pytest.fixture(scope="module")
+def smoke_local(tmp_path_factory) -> dict:
+    """The local runner's smoke reproduction (`make reproduce SCHEDULE=smoke`): its experiments'
+    records and numbers (reproduction.json), the reference for the SLURM run's."""
+    run = tmp_path_factory.mktemp("repro_local") / "run"
+    make_reproduce(run)
+    return results(run)
+
+
 def _sh(*args, timeout: float, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -184,7 +193,7 @@ def test_smoke_reproduction_through_slurm_equals_the_local_run(submitted, smoke_
         assert f"task {task}: {name} on" in log and f"{name} exited 0" in log, log
     for expected in (f"squeue -j {','.join([*record['jobs'], record['gather']])}", "tail -f", "scancel"):
         assert expected in printout, printout
-    ours, local = results(run), smoke_local.experiments
+    ours, local = results(run), smoke_local
     assert set(ours) == set(local) == set(names)
     for name in names:
         assert ours[name]["status"] == "done", (name, ours[name].get("error"))
