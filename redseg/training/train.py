@@ -611,7 +611,7 @@ def _train(run: StageRun, stop: StopSignals, n_samples: int) -> Path:
     max_iter = run.stage_schedule.max_iter
     snap_every = run.stage_schedule.snapshot
     start_iter = solver.iter
-    last_snapshot = resume if resume is not None else None  # the snapshot of the current iteration, if any
+    last_snapshot = resume  # the snapshot of the current iteration, if any
     if stop.requested:  # a signal while the solver was being built: nothing new to save
         _stopped(run, stop, resume, solver.iter, max_iter)
     names = [b for b in net.outputs if b.startswith("loss_")]
