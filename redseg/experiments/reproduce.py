@@ -202,7 +202,8 @@ class Children:
     """
 
     def __init__(self):
-        self.lock = threading.Lock()
+        # re-entrant: the signal handler runs in the main thread, which may be inside start() itself
+        self.lock = threading.RLock()
         self.procs: set[subprocess.Popen] = set()
         self.signum: int | None = None
         self.stopped = False
