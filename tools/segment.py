@@ -3,6 +3,7 @@
 
   python tools/segment.py --weights runs/idrid/stage2_final.caffemodel --out runs/segment photos/ x.jpg
   python tools/segment.py --onnx runs/idrid/redseg.onnx --out runs/segment photos/   # no Caffe needed
+  python tools/segment.py --model models/NAME --out runs/segment photos/   # a package (docs/model_package.md)
   python tools/segment.py --onnx M --out OUT --num-parts 8 --part-id 3 photos/        # one part of eight
   python tools/segment.py --merge OUT                                                 # the parts' one summary
 
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("--weights", type=Path, help="trained Red-Seg .caffemodel (needs pycaffe)")
     model.add_argument("--onnx", type=Path, help="exported model (tools/export_onnx.py; needs only onnxruntime)")
     model.add_argument(
+        "--model", type=Path, help="a model package (tools/package_model.py): every file checked, then --backend"
+    )
+    model.add_argument(
         "--merge", type=Path, metavar="OUT", help="write OUT's summary from its parts (OUT/parts/), segment nothing"
     )
     ap.add_argument("--out", type=Path, default=Path("runs/segment"), help="output folder (default runs/segment)")
@@ -104,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--deploy", type=Path, help="deploy prototxt for --weights (default prototxt/deploy.prototxt)")
     ap.add_argument("--gpu", type=int, help="GPU id for --weights (default: CPU; --onnx uses CUDA when it can)")
+    ap.add_argument(
+        "--backend",
+        choices=("auto", "caffe", "onnx"),
+        default="auto",
+        help="what runs --model (default: Caffe if it imports, else ONNX Runtime)",
+    )
     ap.add_argument(
         "--num-parts",
         type=int,
@@ -207,6 +217,24 @@ def _onnx_model(args, mean):
     return seg, info.fov_diameter_px, info.thresholds, f"ONNX metadata of {args.onnx}"
 
 
+def _package_model(args, mean):
+    """A model package's segmenter (Caffe or ONNX Runtime: --backend) with its FOV diameter and
+    thresholds; its files' digests were checked in segment(), before anything was written."""
+    from redseg.deploy import package
+
+    pkg = args.package
+    if args.deploy is not None:
+        raise package.PackageError("--deploy is for --weights; a package brings its own deploy.prototxt")
+    seg, backend = package.segmenter(pkg, args.backend, args.gpu, mean_bgr=mean)
+    logging.info("model package %s through %s", pkg.root, "Caffe" if backend == "caffe" else "ONNX Runtime")
+    if backend == "caffe":  # fingerprint() and the summary name the files that run
+        args.weights, args.deploy = pkg.root / package.WEIGHTS, pkg.root / package.DEPLOY
+    else:
+        args.onnx = pkg.root / package.ONNX
+    info = pkg.info
+    return seg, info.fov_diameter_px, info.thresholds, f"package {pkg.root}"
+
+
 def merge(out: Path) -> int:
     from redseg.deploy import screening
 
@@ -233,6 +261,10 @@ def segment(args, stop) -> int:
     from redseg.data.prepared_set import fov_diameter, mean_bgr
     from redseg.deploy import screening
 
+    if args.model is not None:  # every file's digest, before anything is read or written
+        from redseg.deploy.package import open_package
+
+        args.package = open_package(args.model)
     inputs = screening.list_inputs(args.inputs)
     if not inputs:
         raise screening.ScreeningError(f"no image files in {', '.join(map(str, args.inputs))}")
@@ -248,7 +280,8 @@ def segment(args, stop) -> int:
             mean = [float(v) for v in mean_bgr(args.data)]
         if args.fov_diameter is None:  # an older set without it is measured: not when it is given
             data_fov = (fov_diameter(args.data), f"--data {args.data} (meta.json fov_diameter_px, or measured)")
-    seg, model_fov, model_thr, model_src = (_onnx_model if args.onnx else _caffe_model)(args, mean)
+    load = _package_model if args.model else _onnx_model if args.onnx else _caffe_model
+    seg, model_fov, model_thr, model_src = load(args, mean)
     settings = screening.resolve_settings(
         str(args.onnx or args.weights),
         model_fov,

@@ -151,6 +151,69 @@ def test_package_holds_the_model_its_card_and_its_digests(pkg, run, capsys):
     assert "--force" in capsys.readouterr().err and (pkg / "metadata.json").read_bytes() == before
 
 
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    import cv2
+    import numpy as np
+
+    from redseg.data.synthetic import SyntheticParams, render_fundus
+
+    d = tmp_path_factory.mktemp("pkg_photos")
+    img = render_fundus(np.random.default_rng(1), SyntheticParams(160, 106)).image
+    cv2.imwrite(str(d / "eye1.png"), img)
+    cv2.imwrite(str(d / "eye2.png"), cv2.resize(img, (240, 159)))  # another camera's size
+    return d
+
+
+def segment(*args, blocked: bool = False):
+    import subprocess
+    import sys
+
+    from test_segment_tool import NO_CAFFE
+
+    argv = [str(REPO / "tools" / "segment.py"), "--no-progress", *map(str, args)]
+    cmd = [sys.executable, "-c", NO_CAFFE, *argv] if blocked else [sys.executable, *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def summary(out: Path) -> dict:
+    return {Path(r["image"]).name: r for r in json.loads((out / "summary.json").read_text())["photos"]}
+
+
+def test_segment_through_the_package_with_caffe_and_without(pkg, run, photos, tmp_path):
+    """segment.py --model: through pycaffe (auto, Caffe importable), then with every Caffe import
+    blocked (auto falls back to ONNX Runtime); the package's FOV diameter and thresholds either way."""
+    side = json.loads((run / "stage2_final.caffemodel.json").read_text())
+    results = {}
+    for blocked in (False, True):
+        out = tmp_path / ("onnx" if blocked else "caffe")
+        proc = segment("--model", pkg, "--out", out, photos, blocked=blocked)
+        assert proc.returncode == 0, proc.stderr
+        assert ("ONNX Runtime" if blocked else "Caffe") in proc.stderr
+        results[blocked] = summary(out)
+        settings = json.loads((out / "summary.json").read_text())["settings"]
+        assert settings["fov_diameter_px"] == 40.0 and "package" in settings["fov_source"]
+    for name in ("eye1.png", "eye2.png"):
+        a, b = results[False][name], results[True][name]
+        assert a["status"] == b["status"] == "ok"
+        for lesion in C.LESIONS:
+            key = lesion.lower()
+            assert a[f"{key}_threshold"] == b[f"{key}_threshold"] == side["thresholds"][lesion]
+            assert a[f"{key}_count"] == b[f"{key}_count"]
+    proc = segment("--model", pkg, "--backend", "caffe", "--out", tmp_path / "x", photos, blocked=True)
+    assert proc.returncode == 1 and "Caffe is blocked" in proc.stderr  # asked for, not available
+
+
+def test_segment_refuses_a_changed_package_and_writes_nothing(pkg, photos, tmp_path):
+    bad = _copy_hardlinked(pkg, tmp_path / "bad", "model.onnx")
+    with open(bad / "model.onnx", "r+b") as fh:
+        fh.truncate(1000)
+    out = tmp_path / "out"
+    proc = segment("-q", "--model", bad, "--backend", "onnx", "--out", out, photos, blocked=True)
+    assert proc.returncode == 1 and "model.onnx: truncated" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
 def test_test_net_takes_the_package_through_onnx_and_writes_nothing_into_it(pkg, run, tmp_path, capsys):
     data = Path(json.loads((run / "stage2_run.json").read_text())["data"])
     before = {p: p.stat().st_mtime_ns for p in pkg.rglob("*")}
