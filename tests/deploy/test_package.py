@@ -343,3 +343,29 @@ def test_fetch_refuses_bad_packages_and_leaves_nothing(tmp_path, capsys):
     assert tool.main(["-q", evil.as_uri(), "--out", str(models)]) == 1
     assert "outside" in capsys.readouterr().err and not (tmp_path / "outside.txt").exists()
     assert not models.exists() or list(models.iterdir()) == []
+
+
+def test_fetch_over_http_a_folder_through_its_sums_and_an_archive(tmp_path, capsys):
+    """A local HTTP server (127.0.0.1): a package folder is read through SHA256SUMS, file by file."""
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "served"
+    tiny = _tiny_package(served / "tiny")
+    P.archive(tiny)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        tool = _tool("fetch_model")
+        models = tmp_path / "models"
+        assert tool.main(["-q", f"{base}/tiny/", "--out", str(models)]) == 0
+        assert tool.main(["-q", f"{base}/tiny.tar.gz", "--out", str(models), "--name", "tiny2"]) == 0
+        assert P.read_sums(models / "tiny") == P.read_sums(models / "tiny2") == P.read_sums(tiny)
+        assert tool.main(["-q", f"{base}/missing.tar.gz", "--out", str(models)]) == 1
+        assert "cannot download" in capsys.readouterr().err and not (models / "missing").exists()
+    finally:
+        server.shutdown()
