@@ -190,14 +190,20 @@ def caffe_build(caffe_file: str | None = None) -> dict:
     return out
 
 
-def blas_summary() -> str | None:
+def blas_facts() -> dict:
+    """The OpenBLAS kernels Caffe runs here (redseg.toolchain.blas): one line, the core, the version."""
     from redseg.toolchain import blas
 
     try:
-        return blas.summary(blas.describe())
+        st = blas.describe()
     except Exception as e:  # provenance only: never a reason to fail packaging
         log.warning("BLAS not described: %s", e)
-        return None
+        return {"summary": None, "core": None, "version": None}
+    return {
+        "summary": st.get("summary"),
+        "core": st.get("running_core") or st.get("core"),
+        "version": st.get("version"),
+    }
 
 
 # --- what the run holds ---------------------------------------------------------------------------
@@ -517,7 +523,7 @@ def render_readme(meta: dict, front: dict) -> str:
         + (" (with uncommitted changes)" if prov["project"]["dirty"] else ""),
         f"- Caffe: build `{prov['caffe']['build']}`, commit `{prov['caffe']['caffe_commit']}`, "
         f"patch set `{prov['caffe']['patch_set']}`",
-        f"- {prov['blas']}" if prov.get("blas") else "- BLAS: not recorded",
+        f"- {prov['blas']['summary']}" if prov["blas"].get("summary") else "- BLAS: not recorded",
         f"- ONNX: opset {prov['onnx_opset']}, checked against pycaffe to {prov['onnx_tolerance']:g} before writing",
         f"- packaged {prov['packaged_at']} by `tools/package_model.py`",
         "",
@@ -664,7 +670,7 @@ def build_package(opts: BuildOptions) -> Path:
         provenance = {
             "project": project_commit(),
             "caffe": caffe,
-            "blas": blas_summary(),
+            "blas": blas_facts(),
             "python": platform.python_version(),
             "onnx_opset": OPSET,
             "onnx_tolerance": 1e-4,

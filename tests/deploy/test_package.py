@@ -134,6 +134,7 @@ def test_package_holds_the_model_its_card_and_its_digests(pkg, run, capsys):
     assert meta["licenses"]["data"][0]["license"].startswith("none needed") and meta["licenses"]["weights"]
     prov = meta["provenance"]
     assert prov["project"]["commit"] and prov["caffe"]["build"] and prov["caffe"]["patch_set_of_this_checkout"]
+    assert prov["blas"]["core"] and prov["blas"]["summary"].startswith("BLAS:")
     assert meta["backends"]["onnx_fixed"] == {
         "file": fixed,
         "input_size": [48, 64],
