@@ -18,7 +18,7 @@ TRAIN    := $(PY) tools/train.py --data $(DATA) --run $(RUN) --schedule $(SCHEDU
 
 DEMO     := runs/demo
 
-.PHONY: help setup cuda-check test lint prototxt data stage1 stage2 evaluate demo reproduce onnx package vgg16 benchmark benchmark-onnx clean
+.PHONY: help setup cuda-check test lint prototxt data stage1 stage2 evaluate demo reproduce onnx package vgg16 benchmark benchmark-onnx segment-slurm clean
 
 help:
 	@echo "make setup      venv + BVLC Caffe with pycaffe (cached build; CAFFE_ROOT=... to use your own)"
@@ -28,6 +28,7 @@ help:
 	@echo "make demo       the whole pipeline on a synthetic fundus set -> runs/demo/report.md"
 	@echo "make reproduce [IDRID=/path] [SCHEDULE=smoke] [GPUS='0 1'] [RUN=runs/reproduce]  Tables 2, 5, Figs 6, 7 -> reproduction.md"
 	@echo "make reproduce LAUNCHER=slurm [SBATCH='--partition=gpu --gres=gpu:1 --time=8:00:00'] [SIGNAL_SECONDS=300]  as SLURM jobs (docs/cluster.md)"
+	@echo "make segment-slurm PHOTOS='dir/ ...' [PARTS=4] [WEIGHTS=...|BACKEND=onnx ONNX=...] [SEGMENT_OUT=runs/segment] [SBATCH=...]  screening as a SLURM array + merge"
 	@echo "make data IDRID=/path/to/IDRiD   prepare the official IDRiD segmentation set into $(DATA)"
 	@echo "make vgg16      fetch/validate ImageNet VGG16 weights into $(VGG16)"
 	@echo "make stage1 stage2 [SCHEDULE=paper|demo|smoke] [GPU=0] [DATA=...] [RUN=...] [ITERS=N] [LR=x]"
@@ -101,6 +102,16 @@ SIGNAL_SECONDS ?=
 REPRO_SLURM := $(if $(LAUNCHER),--launcher $(LAUNCHER),) $(if $(SBATCH),--sbatch="$(SBATCH)",) $(if $(SIGNAL_SECONDS),--signal-seconds $(SIGNAL_SECONDS),)
 reproduce: setup
 	$(PY) tools/reproduce.py --run $(REPRO) $(REPRO_SCHEDULE) $(if $(IDRID),--idrid "$(IDRID)" $(if $(FROM_SCRATCH),--from-scratch,--weights $(VGG16)),) $(if $(strip $(GPUS)),--gpus $(GPUS),) $(REPRO_SLURM)
+
+# Screening many photographs on a SLURM cluster (docs/cluster.md): tools/segment.py as a job array of
+# PARTS tasks over PHOTOS, then one summary (tools/segment.py --merge) in SEGMENT_OUT. The model:
+# WEIGHTS (pycaffe), or BACKEND=onnx with ONNX (ONNX Runtime). SBATCH, SIGNAL_SECONDS as above.
+PHOTOS ?=
+PARTS  ?= 4
+SEGMENT_OUT ?= runs/segment
+segment-slurm: setup
+	@test -n "$(PHOTOS)" || { echo "usage: make segment-slurm PHOTOS='photos/ more/' [PARTS=4] [WEIGHTS=...|BACKEND=onnx ONNX=...] [SEGMENT_OUT=...] [SBATCH='...']"; exit 2; }
+	$(PY) tools/segment_slurm.py --parts $(PARTS) --out $(SEGMENT_OUT) $(if $(SBATCH),--sbatch="$(SBATCH)",) $(if $(SIGNAL_SECONDS),--signal-seconds $(SIGNAL_SECONDS),) -- $(if $(filter onnx,$(BACKEND)),--onnx $(ONNX),--weights $(WEIGHTS)) $(PHOTOS)
 
 # A trained model as ONNX (docs/onnx.md): checked against pycaffe before it is written; its sidecar's
 # mean, FOV diameter and thresholds go into the model's metadata. tools/segment.py --onnx runs it

@@ -132,13 +132,44 @@ def plan(experiments: Sequence[Experiment], finished: Callable[[Experiment], boo
     return first, later
 
 
+# The end of every batch script that runs preemptible work: CMD (a bash array) runs in a process
+# group of its own; SIGUSR1 (--signal=B:USR1@<s>: the time limit or a preemption is near) and
+# SIGTERM (scancel, preemption) are passed to that group, whose tools stop at their next safe point
+# with their work saved and exit 75; after a USR1 the task requeues itself and its next start
+# resumes. TASK and NOTE (where the exit status and the signal are noted) are set before.
+PREEMPTIBLE = """child=""
+got=""
+pass_on() {{
+    got=${{got:-$1}}
+    echo "redseg: task $TASK: SIG$1 from SLURM at $(date '+%T'), passed to the work"
+    if [[ -n $child ]]; then kill -s "$1" -- "-$child" 2>/dev/null || kill -s "$1" "$child" 2>/dev/null || true; fi
+}}
+trap 'pass_on USR1' USR1
+trap 'pass_on TERM' TERM
+set -m  # job control: the work gets a process group of its own (its id is $child)
+"${{CMD[@]}}" &
+child=$!
+set +m
+while kill -0 "$child" 2>/dev/null; do wait "$child" || true; done  # a trapped signal ends a wait early
+rc=0
+wait "$child" || rc=$?
+echo "$rc ${{got:-none}} $(date +%s)" >"$NOTE"
+echo "redseg: task $TASK: exited $rc at $(date '+%F %T')"
+if [[ $got != TERM ]] && {{ [[ $rc -eq {preempted} ]] || [[ -n $got && $rc -gt 128 ]]; }}; then
+    # warned before the time limit or a preemption, work saved: requeue; the next start resumes
+    echo "redseg: task $TASK: requeueing (scontrol requeue $TASK); it resumes where it stopped"
+    if scontrol requeue "$TASK"; then
+        sleep 120  # SLURM ends this start of the task now; never report it finished
+    fi
+    echo "redseg: task $TASK: could not requeue; submit again to resume" >&2
+fi
+exit "$rc"
+"""
+
 TASK_SCRIPT = """#!/usr/bin/env bash
-# One experiment of {run} per array task. Written by redseg/experiments/slurm.py; sbatch keeps
-# its own copy of a script at submission, so a later submission rewriting this file changes no
-# queued task. The task runs the runner for its one experiment; SIGUSR1 (--signal=B:USR1@<s>: the
-# time limit or a preemption is near) and SIGTERM (scancel, preemption) are passed to it, it stops
-# training after the current iteration with a snapshot and exits {preempted}; after a USR1 this
-# script requeues the task, which then resumes from that snapshot.
+# One experiment of {run} per array task (redseg/experiments/slurm.py wrote this; sbatch keeps its
+# own copy of a script at submission, so rewriting this file changes no queued task). The task
+# runs the runner for its one experiment, which trains (or resumes) and tests it in its folder.
 set -euo pipefail
 NAMES=({names})
 RUNNER=({runner})
@@ -148,34 +179,7 @@ NOTE={notes}/$TASK.exit
 echo "redseg: task $TASK: $NAME on $(hostname), start $((${{SLURM_RESTART_COUNT:-0}} + 1)), $(date '+%F %T')"
 GPU=()  # --gres=gpu:N: SLURM shows the task its GPUs as 0..N-1; the experiment takes the first
 if [[ -n ${{CUDA_VISIBLE_DEVICES:-}} && ${{CUDA_VISIBLE_DEVICES}} != NoDevFiles ]]; then GPU=(--gpus 0); fi
-child=""
-got=""
-pass_on() {{
-    got=${{got:-$1}}
-    echo "redseg: task $TASK: SIG$1 from SLURM at $(date '+%T'), passed to the experiment"
-    # to the runner's process group: the runner and the training under it both stop at a safe point
-    if [[ -n $child ]]; then kill -s "$1" -- "-$child" 2>/dev/null || kill -s "$1" "$child" 2>/dev/null || true; fi
-}}
-trap 'pass_on USR1' USR1
-trap 'pass_on TERM' TERM
-set -m  # job control: the runner gets a process group of its own (its id is $child)
-"${{RUNNER[@]}}" --only "$NAME" --slurm-task "${{GPU[@]}}" &
-child=$!
-set +m
-while kill -0 "$child" 2>/dev/null; do wait "$child" || true; done  # a trapped signal ends a wait early
-rc=0
-wait "$child" || rc=$?
-echo "$rc ${{got:-none}} $(date +%s)" >"$NOTE"
-echo "redseg: task $TASK: $NAME exited $rc at $(date '+%F %T')"
-if [[ $got != TERM ]] && {{ [[ $rc -eq {preempted} ]] || [[ -n $got && $rc -gt 128 ]]; }}; then
-    # warned before the time limit or a preemption, work saved: requeue; the next start resumes
-    echo "redseg: task $TASK: requeueing (scontrol requeue $TASK); it resumes from its latest snapshot"
-    if scontrol requeue "$TASK"; then
-        sleep 120  # SLURM ends this start of the task now; never report it finished
-    fi
-    echo "redseg: task $TASK: could not requeue; submit the same run folder again to resume" >&2
-fi
-exit "$rc"
+CMD=("${{RUNNER[@]}}" --only "$NAME" --slurm-task "${{GPU[@]}}")
 """
 
 GATHER_SCRIPT = """#!/usr/bin/env bash
@@ -216,17 +220,11 @@ def submit(
     first, later = plan(experiments, finished)
     names = [e.name for e in experiments]
     task_sh, gather_sh = out / "task.sh", out / "gather.sh"
-    write_text(
-        task_sh,
-        TASK_SCRIPT.format(
-            run=run,
-            names=" ".join(shlex.quote(n) for n in names),
-            runner=" ".join(shlex.quote(a) for a in runner),
-            notes=shlex.quote(str(out)),
-            preempted=EXIT_PREEMPTED,
-        ),
-    )
-    write_text(gather_sh, GATHER_SCRIPT.format(run=run, gather=" ".join(shlex.quote(a) for a in runner)))
+    task = TASK_SCRIPT.format(
+        run=run, names=_words(names), runner=_words(runner), notes=shlex.quote(str(out))
+    ) + PREEMPTIBLE.format(preempted=EXIT_PREEMPTED)
+    write_text(task_sh, task)
+    write_text(gather_sh, GATHER_SCRIPT.format(run=run, gather=_words(runner)))
     common = [f"--chdir={REPO}", "--export=ALL"]  # the runner's paths are absolute; the tools run from the repo
     task_opts = [
         *common,
@@ -273,27 +271,34 @@ def submit(
     return record
 
 
-def follow(run: Path, record: dict) -> str:
-    """What to type to follow and cancel a submission (printed after :func:`submit`)."""
+def _words(argv: Sequence[str]) -> str:
+    """A command line as bash words (quoted where needed)."""
+    return " ".join(shlex.quote(str(a)) for a in argv)
+
+
+def follow(run: Path, record: dict, writes: Path | None = None, last: str = "gathering job") -> str:
+    """What to type to follow and cancel a submission (printed after :func:`submit` and
+    :func:`submit_segment`); ``writes`` is what the last job writes (default: reproduction.md)."""
     ids = [*record["jobs"], record["gather"]]
     lines = []
     if record["tasks"]:
-        lines.append(f"submitted {len(record['tasks'])} experiment(s) to SLURM:")
+        lines.append(f"submitted {len(record['tasks'])} task(s) to SLURM:")
         for name, task in record["tasks"].items():
             dep = record["after"].get(name)
             lines.append(f"  {name:<14} task {task}" + (f", after {dep} (afterok)" if dep else ""))
     if record["skipped"]:
         lines.append(f"finished already (skipped): {', '.join(record['skipped'])}")
-    lines.append(f"gathering job {record['gather']}: writes {run / 'reproduction.md'} when the others end")
+    lines.append(f"{last} {record['gather']}: writes {writes or run / 'reproduction.md'} when the others end")
     lines.append("follow:")
     lines.append(f"  squeue -j {','.join(ids)}")
     if shutil.which("sacct"):
         lines.append(f"  sacct -j {','.join(ids)} -X -o JobID,JobName,State,ExitCode,Elapsed   (with accounting)")
     if record["jobs"]:
         lines.append(f"  tail -f {folder(run)}/{{{','.join(record['jobs'])}}}_*.log")
-    lines.append(f"  tail -f {folder(run)}/gather_{record['gather']}.log")
-    lines.append(f"cancel: scancel {' '.join(ids)}   (one experiment: scancel JOB_INDEX, e.g. {_example(record)})")
-    lines.append("afterwards, here: the same make command without LAUNCHER only gathers (nothing is retrained)")
+    lines.append(f"  tail -f {folder(run)}/{'gather' if last == 'gathering job' else 'merge'}_{record['gather']}.log")
+    lines.append(f"cancel: scancel {' '.join(ids)}   (one task: scancel JOB_INDEX, e.g. {_example(record)})")
+    if last == "gathering job":
+        lines.append("afterwards, here: the same make command without LAUNCHER only gathers (nothing is retrained)")
     return "\n".join(lines)
 
 
@@ -411,3 +416,97 @@ def submission_seconds(run: Path) -> float | None:
     """Seconds since the latest submission (the gathering job's wall time of the whole run)."""
     record = read_json_object(folder(run) / JOBS)
     return time.time() - float(record["submitted_unix"]) if record and "submitted_unix" in record else None
+
+
+# --- screening at scale: tools/segment.py over a job array, then --merge ---------------------------
+
+PART_SCRIPT = """#!/usr/bin/env bash
+# One part of the screening into {out} per array task: tools/segment.py takes --num-parts and
+# --part-id from SLURM's array variables (redseg/experiments/slurm.py wrote this). A photograph
+# finished before (its record in the output folder) is not segmented again, so a requeued or
+# resubmitted part goes on where it stopped.
+set -euo pipefail
+TASK=${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}
+NOTE={notes}/$TASK.exit
+echo "redseg: task $TASK: part $((SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)) of $SLURM_ARRAY_TASK_COUNT on" \\
+    "$(hostname), start $((${{SLURM_RESTART_COUNT:-0}} + 1)), $(date '+%F %T')"
+CMD=({segment})
+"""
+
+MERGE_SCRIPT = """#!/usr/bin/env bash
+# The one summary of {out} once every part has ended (--dependency=afterany: a missing part is
+# named in this job's log). Written by redseg/experiments/slurm.py.
+set -euo pipefail
+echo "redseg: merging the parts of {out} on $(hostname), $(date '+%F %T')"
+exec {merge}
+"""
+
+
+def submit_segment(
+    out: Path,
+    parts: int,
+    segment: Sequence[str],
+    merge: Sequence[str],
+    sbatch_options: str | None = None,
+    merge_options: str | None = None,
+    signal_seconds: int = DEFAULT_SIGNAL_SECONDS,
+    job_name: str = "redseg-segment",
+    chdir: Path | None = None,
+) -> dict:
+    """Submit ``segment`` (tools/segment.py's command line without --num-parts/--part-id) as an
+    array of ``parts`` tasks, and ``merge`` (``tools/segment.py --merge OUT``) after them all;
+    logs and scripts in ``<out>/slurm``. Returns the record (also ``<out>/slurm/jobs.json``)."""
+    require("sbatch")
+    if parts < 1:
+        raise LauncherError(f"--parts must be at least 1, got {parts}")
+    if signal_seconds < 1:
+        raise LauncherError(f"--signal-seconds must be at least 1, got {signal_seconds}")
+    opts = split_options(sbatch_options)
+    mopts = opts if merge_options is None else split_options(merge_options)
+    where = folder(out)
+    where.mkdir(parents=True, exist_ok=True)
+    part_sh, merge_sh = where / "part.sh", where / "merge.sh"
+    write_text(
+        part_sh,
+        PART_SCRIPT.format(out=out, notes=shlex.quote(str(where)), segment=_words(segment))
+        + PREEMPTIBLE.format(preempted=EXIT_PREEMPTED),
+    )
+    write_text(merge_sh, MERGE_SCRIPT.format(out=out, merge=_words(merge)))
+    common = [f"--chdir={chdir or Path.cwd()}", "--export=ALL"]
+    array = sbatch(
+        [
+            *common,
+            f"--job-name={job_name}",
+            f"--output={where}/%A_%a.log",
+            "--open-mode=append",
+            "--requeue",
+            f"--signal=B:USR1@{signal_seconds}",
+            f"--array=0-{parts - 1}",
+            *opts,
+        ],
+        part_sh,
+    )
+    merged = sbatch(
+        [
+            *common,
+            f"--job-name={job_name}-merge",
+            f"--output={where}/merge_%j.log",
+            f"--dependency=afterany:{array}",
+            *mopts,
+        ],
+        merge_sh,
+    )
+    record = {
+        "submitted": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "submitted_unix": time.time(),
+        "tasks": {f"part {i}": f"{array}_{i}" for i in range(parts)},
+        "after": {},
+        "skipped": [],
+        "jobs": [array],
+        "gather": merged,
+        "sbatch": opts,
+        "signal_seconds": signal_seconds,
+    }
+    write_json(where / JOBS, record)
+    log.info("screening of %s: array %s (%d parts), merge job %s", out, array, parts, merged)
+    return record

@@ -190,7 +190,7 @@ def test_smoke_reproduction_through_slurm_equals_the_local_run(submitted, smoke_
     assert record["after"] == {"two_stage": f"{array}_0"}
     for name, task in record["tasks"].items():
         log = (run / "slurm" / f"{task}.log").read_text()
-        assert f"task {task}: {name} on" in log and f"{name} exited 0" in log, log
+        assert f"task {task}: {name} on" in log and f"task {task}: exited 0" in log, log
     for expected in (f"squeue -j {','.join([*record['jobs'], record['gather']])}", "tail -f", "scancel"):
         assert expected in printout, printout
     ours, local = results(run), smoke_local
@@ -289,7 +289,7 @@ def test_usr1_requeues_the_task_and_it_resumes_from_its_snapshot(interrupted):
     assert ", start 2," in log, log  # SLURM ran the task a second time
     resumed = [line for line in log.splitlines() if "resumes from its latest snapshot, iteration" in line]
     assert resumed and int(resumed[-1].rsplit(" ", 1)[1]) >= sent["ma_conv1-4"] > 0, log
-    assert "ma_conv1-4 exited 0" in log
+    assert f"task {task}: exited 0" in log
     exp = run / "ma_conv1-4"
     assert (exp / ".complete").is_file()
     assert not list(exp.glob("previous-stage1-*"))  # resumed, not restarted
@@ -313,3 +313,44 @@ def test_submitting_again_runs_only_what_did_not_finish_and_resumes_it(interrupt
     log = (run / "slurm" / f"{record['tasks']['stage1']}.log").read_text()
     assert "stage1: resumes from its latest snapshot" in log, log
     assert not list((run / "stage1").glob("previous-stage1-*"))
+
+
+def test_a_screening_array_of_two_parts_is_merged_into_one_runs_summary(cluster, caffe, tmp_path):
+    """`make segment-slurm PARTS=2`: tools/segment.py as a two-task array (each its part from
+    SLURM's array variables) and --merge after it; the summary equals one local run's, byte for byte."""
+    import cv2
+    import numpy as np
+    from conftest import save_random_model
+
+    from redseg.data.synthetic import SyntheticParams, render_fundus
+    from redseg.deploy.model_info import ModelInfo, write_model_info
+
+    model = save_random_model(tmp_path / "model.caffemodel", seed=0)
+    write_model_info(model, ModelInfo([30.0, 60.0, 120.0], 64.0, {"MA": 0.3, "HE": 0.7}, "test", "m.json"))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        img = render_fundus(np.random.default_rng(i), SyntheticParams(160, 106)).image
+        cv2.imwrite(str(photos / f"eye{i}.png"), img)
+    single = tmp_path / "single"
+    tool = [sys.executable, str(REPO / "tools" / "segment.py"), "-q", "--no-progress", "--weights", str(model)]
+    proc = subprocess.run([*tool, "--out", str(single), str(photos)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "screened"
+    cmd = ["make", "-s", "-o", "setup", "segment-slurm", f"PY={sys.executable}", f"PHOTOS={photos}", "PARTS=2"]
+    proc = subprocess.run(
+        [*cmd, f"WEIGHTS={model}", f"SEGMENT_OUT={out}"], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "merge job" in proc.stdout and "squeue -j" in proc.stdout
+    record = jobs(out)
+    wait_for(out, record)
+    array = record["jobs"][0]
+    for i in (0, 1):
+        log = (out / "slurm" / f"{array}_{i}.log").read_text()
+        assert f"part {i} of 2" in log and f"task {array}_{i}: exited 0" in log, log
+    assert sorted(p.name for p in (out / "parts").iterdir()) == ["part-0-of-2.json", "part-1-of-2.json"]
+    merge_log = (out / "slurm" / f"merge_{record['gather']}.log").read_text()
+    for name in ("summary.csv", "summary.json", "index.html"):
+        assert (out / name).is_file(), merge_log
+        assert (out / name).read_bytes() == (single / name).read_bytes(), name
