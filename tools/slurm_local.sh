@@ -33,8 +33,17 @@ install() {
     if have_slurm; then echo "slurm-wlm and munge are installed"; return 0; fi
     [[ $(id -u) -eq 0 ]] || die "installing slurm-wlm and munge needs root (apt-get)"
     command -v apt-get >/dev/null || die "no apt-get here: install SLURM (slurmctld, slurmd, sbatch) and munge yourself"
-    echo "installing slurm-wlm and munge with apt-get (bounded to ${INSTALL_TIMEOUT:-900} s)"
+    echo "installing slurm-wlm and munge with apt-get (each step bounded to ${INSTALL_TIMEOUT:-900} s)"
     export DEBIAN_FRONTEND=noninteractive
+    # Debian's packages start their system daemons at install time, and slurmctld's postinst fails
+    # when that start fails (no /etc/slurm/slurm.conf): a policy-rc.d that forbids starts, as in
+    # Docker images, for the install only. This script's daemons are started by `start`.
+    local policy=/usr/sbin/policy-rc.d
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\n# tools/slurm_local.sh install: no daemon starts while installing (removed after)\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     timeout "${INSTALL_TIMEOUT:-900}" apt-get update -q
     timeout "${INSTALL_TIMEOUT:-900}" apt-get install -y -q --no-install-recommends slurm-wlm munge
     have_slurm || die "apt-get finished but slurmctld, slurmd, sbatch or munged is still missing"

@@ -139,6 +139,7 @@ def plan(experiments: Sequence[Experiment], finished: Callable[[Experiment], boo
 # resumes. TASK and NOTE (where the exit status and the signal are noted) are set before.
 PREEMPTIBLE = """child=""
 got=""
+# shellcheck disable=SC2317  # run by the traps below
 pass_on() {{
     got=${{got:-$1}}
     echo "redseg: task $TASK: SIG$1 from SLURM at $(date '+%T'), passed to the work"
