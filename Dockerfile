@@ -37,7 +37,8 @@ COPY redseg/__init__.py redseg/fileio.py redseg/
 COPY redseg/toolchain redseg/toolchain/
 ARG PIP_INDEX_URL=
 ARG JOBS=
-ARG CUDA_WHEELS=13
+# CUDA_TOOLKIT=wheels only (empty: setup.sh would otherwise take the wheels over CUDA_ROOT); build.sh: 13
+ARG CUDA_WHEELS=
 ARG CUDA_ARCH_BIN="61 70 75 80 86 90"
 ARG CUDA_ARCH_PTX=90
 # The Caffe build and pip's downloads are kept in BuildKit cache mounts, outside the layers: a rebuild
