@@ -95,11 +95,13 @@ GPUS     ?= $(GPU)
 REPRO    := $(if $(filter command line environment,$(origin RUN)),$(RUN),runs/reproduce)
 REPRO_SCHEDULE := $(if $(filter command line environment,$(origin SCHEDULE)),--schedule $(SCHEDULE),)
 # LAUNCHER=slurm: the same experiments as a SLURM job array and a gathering job (docs/cluster.md);
-# SBATCH: sbatch options for every job; SIGNAL_SECONDS: SIGUSR1 that long before the time limit.
+# SBATCH: sbatch options for every job (GATHER_SBATCH: the gathering job's, default SBATCH's);
+# SIGNAL_SECONDS: SIGUSR1 that long before the time limit (snapshot, requeue).
 LAUNCHER ?=
 SBATCH   ?=
+GATHER_SBATCH ?=
 SIGNAL_SECONDS ?=
-REPRO_SLURM := $(if $(LAUNCHER),--launcher $(LAUNCHER),) $(if $(SBATCH),--sbatch="$(SBATCH)",) $(if $(SIGNAL_SECONDS),--signal-seconds $(SIGNAL_SECONDS),)
+REPRO_SLURM := $(if $(LAUNCHER),--launcher $(LAUNCHER),) $(if $(SBATCH),--sbatch="$(SBATCH)",) $(if $(GATHER_SBATCH),--gather-sbatch="$(GATHER_SBATCH)",) $(if $(SIGNAL_SECONDS),--signal-seconds $(SIGNAL_SECONDS),)
 reproduce: setup
 	$(PY) tools/reproduce.py --run $(REPRO) $(REPRO_SCHEDULE) $(if $(IDRID),--idrid "$(IDRID)" $(if $(FROM_SCRATCH),--from-scratch,--weights $(VGG16)),) $(if $(strip $(GPUS)),--gpus $(GPUS),) $(REPRO_SLURM)
 

@@ -91,3 +91,20 @@ def save_random_model(path: Path, seed: int = 0, deploy: Path | None = None, std
                 b.data[...] = rng.normal(0, std, b.data.shape)
     net.save(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def smoke_reproduction(tmp_path_factory) -> tuple[Path, dict]:
+    """`make reproduce SCHEDULE=smoke` (tools/reproduce.py --schedule smoke), run once per session:
+    its run folder, and its experiments as reproduction.json had them when it finished. Shared
+    because it costs a minute or more of two cores: tests/experiments/test_reproduce.py goes on to
+    change the folder (skip, resume, a failure), test_slurm.py compares the SLURM run with the copy."""
+    import json
+    import subprocess
+
+    run = tmp_path_factory.mktemp("repro") / "run"
+    cmd = [sys.executable, str(REPO / "tools" / "reproduce.py"), "--no-progress", "--run", str(run)]
+    cmd += ["--schedule", "smoke"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return run, json.loads((run / "reproduction.json").read_text())["experiments"]

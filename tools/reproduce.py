@@ -179,7 +179,6 @@ def run(args) -> int:
                 f"no ImageNet VGG16 weights at {weights}: run `make vgg16` (docs/weights.md), pass "
                 "VGG16=/path (--weights), or FROM_SCRATCH=1 (--from-scratch; not the paper's setting)"
             )
-        weights = weights.resolve()  # SLURM tasks run from the repository, not from here
     gt, data = data_paths(args)
     s = Settings(args.run, gt, data, schedule, weights, synthetic, progress=cli.show_progress(args))
     check_settings(s)  # before anything is written
@@ -216,15 +215,17 @@ def run(args) -> int:
 
 def runner_argv(args) -> list[str]:
     """This run folder's reproduction as a command line for the SLURM jobs, without --only: a task
-    adds ``--only NAME --slurm-task``, the gathering job ``--slurm-gather``. Every path absolute."""
+    adds ``--only NAME --slurm-task``, the gathering job ``--slurm-gather``. Paths as the user gave
+    them (the jobs start in this working directory): settings.json records them so, and a task
+    whose settings differed from the submission's would be refused."""
     argv = [sys.executable, str(Path(__file__).resolve()), "--no-progress", "--run", str(args.run)]
     argv += ["--schedule", args.schedule]
     if args.idrid is not None:
-        argv += ["--idrid", str(args.idrid.resolve())]
+        argv += ["--idrid", str(args.idrid)]
     if args.from_scratch:
         argv += ["--from-scratch"]
     elif args.idrid is not None:
-        argv += ["--weights", str((args.weights or DEFAULT_VGG16).resolve())]
+        argv += ["--weights", str(args.weights or DEFAULT_VGG16)]
     if args.synthetic_size:
         argv += ["--synthetic-size", "x".join(map(str, args.synthetic_size))]
     if args.synthetic_count:

@@ -3,7 +3,7 @@
 Why plain ``sbatch``: it is what users of a cluster have, with nothing to install, and job arrays
 and ``--dependency`` already express what the local runner does (one experiment after another, a
 stage-2 experiment after the stage-1 one it starts from, then the tables). No Python scheduler
-library is involved; this module only writes two batch scripts and calls ``sbatch``.
+library is involved; this module only writes batch scripts and calls ``sbatch``.
 
 What :func:`submit` submits, for the unfinished experiments of a run folder:
 
@@ -32,6 +32,9 @@ The module knows nothing of Table 2 or 5: it takes a list of experiments (``name
 ``finished`` test, and the runner's command line. Any runner of that kind (``tools/reproduce.py``
 today; another over the same ``run_all``/``assemble`` later) gets ``--launcher slurm`` by passing
 its own list and command (:func:`submit`, :func:`reconcile`).
+
+:func:`submit_segment` does the same for screening (``make segment-slurm``): tools/segment.py as a
+job array over its ``--num-parts``/``--part-id``, then ``--merge``.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from redseg.cli import EXIT_PREEMPTED  # the tools' "stopped with the work saved; resumable" (75)
 from redseg.fileio import read_json_object, write_json, write_text
-from redseg.toolchain.caffe_utils import REPO
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,6 @@ LAUNCHERS = ("local", "slurm")
 FOLDER = "slurm"  # <run>/slurm: batch scripts, logs, the submission record, task exit notes
 JOBS = "jobs.json"  # the latest submission: task ids per experiment, the gathering job
 DEFAULT_SIGNAL_SECONDS = 300  # --signal=B:USR1@300: time to finish an iteration and snapshot
-EXIT_PREEMPTED = 75  # redseg.cli.EXIT_PREEMPTED (the runner's "stopped with a snapshot; resumable")
 SBATCH_TIMEOUT = 60  # seconds for one sbatch/squeue call (a controller that does not answer)
 
 
@@ -63,6 +65,8 @@ class LauncherError(RuntimeError):
 
 
 class Experiment(Protocol):
+    """What the launcher needs of a runner's experiment: its folder's name and what it starts from."""
+
     name: str
     after: str | None
 
@@ -202,6 +206,7 @@ def submit(
     gather_options: str | None = None,
     signal_seconds: int = DEFAULT_SIGNAL_SECONDS,
     job_name: str = "redseg",
+    chdir: Path | None = None,
 ) -> dict:
     """Submit the unfinished ``experiments`` of ``run`` and the gathering job; returns the
     submission record (also written to ``<run>/slurm/jobs.json``).
@@ -210,7 +215,9 @@ def submit(
     ``[python, tools/reproduce.py, --run, RUN, --schedule, smoke]``); a task appends ``--only NAME
     --slurm-task`` and the gathering job ``--slurm-gather``. ``sbatch_options`` go to every job
     (partition, GPUs, time); ``gather_options`` replace them for the gathering job (default: the
-    same). With every experiment finished, only the gathering job is submitted."""
+    same). The jobs start in ``chdir`` (default: this working directory, so that relative paths in
+    ``runner`` mean what they meant here). With every experiment finished, only the gathering job
+    is submitted."""
     require("sbatch")
     if signal_seconds < 1:
         raise LauncherError(f"--signal-seconds must be at least 1, got {signal_seconds}")
@@ -226,7 +233,7 @@ def submit(
     ) + PREEMPTIBLE.format(preempted=EXIT_PREEMPTED)
     write_text(task_sh, task)
     write_text(gather_sh, GATHER_SCRIPT.format(run=run, gather=_words(runner)))
-    common = [f"--chdir={REPO}", "--export=ALL"]  # the runner's paths are absolute; the tools run from the repo
+    common = [f"--chdir={chdir or Path.cwd()}", "--export=ALL"]
     task_opts = [
         *common,
         f"--job-name={job_name}",

@@ -163,10 +163,9 @@ def reproduce(run: Path, *args, check=True):
 
 
 @pytest.fixture(scope="module")
-def reproduced(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("repro") / "run"
-    reproduce(run)
-    return run
+def reproduced(smoke_reproduction) -> Path:
+    """The session's smoke reproduction (tests/conftest.py), which these tests then change."""
+    return smoke_reproduction[0]
 
 
 def test_every_row_and_the_tables_equal_each_runs_metrics(reproduced):

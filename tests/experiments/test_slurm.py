@@ -39,12 +39,10 @@ WAIT = 600  # seconds: every wait for the cluster is bounded
 
 
 @pytest.fixture(scope="module")
-def smoke_local(tmp_path_factory) -> dict:
-    """The local runner's smoke reproduction (`make reproduce SCHEDULE=smoke`): its experiments'
-    records and numbers (reproduction.json), the reference for the SLURM run's."""
-    run = tmp_path_factory.mktemp("repro_local") / "run"
-    make_reproduce(run)
-    return results(run)
+def smoke_local(smoke_reproduction) -> dict:
+    """The local runner's smoke reproduction on this machine (tests/conftest.py, shared with
+    test_reproduce.py): its experiments' records and numbers, the reference for the SLURM run's."""
+    return smoke_reproduction[1]
 
 
 def _sh(*args, timeout: float, env=None) -> subprocess.CompletedProcess:
