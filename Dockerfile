@@ -83,6 +83,10 @@ RUN mkdir -p runs data "$HOME" "$REDSEG_CACHE" \
     && chmod 0777 .venv
 VOLUME ["/work/redseg/runs", "/work/redseg/data"]
 CMD ["make", "help"]
+# The project's commit, for the image has no .git (tools/check_docker.sh passes git rev-parse HEAD).
+ARG REDSEG_COMMIT=
+ENV REDSEG_COMMIT=${REDSEG_COMMIT}
+LABEL org.opencontainers.image.revision=${REDSEG_COMMIT}
 
 FROM runtime AS cpu
 
