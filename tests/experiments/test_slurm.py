@@ -261,6 +261,8 @@ def interrupted(cluster, tmp_path_factory):
     proc = subprocess.run(tool, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     record = jobs(run)
+    # while SLURM has them, running the folder here (or submitting it again) is refused
+    local = subprocess.run(tool[: tool.index("--launcher")], capture_output=True, text=True, timeout=120)
     pending = {"stage1": ["scancel", record["tasks"]["stage1"]]}
     pending["ma_conv1-4"] = ["scancel", "--signal=USR1", "--batch", record["tasks"]["ma_conv1-4"]]
     sent: dict[str, int] = {}
@@ -283,11 +285,18 @@ def interrupted(cluster, tmp_path_factory):
             break
         time.sleep(0.2)
     wait_for(run, record)
-    return run, record, sent
+    return run, record, sent, local
+
+
+def test_a_folder_with_queued_jobs_is_refused_here(interrupted):
+    run, record, _, local = interrupted
+    assert local.returncode == 1 and "still queued or running" in local.stderr, local.stderr
+    assert local.stderr.count("\n") == 1  # one line
+    assert not (run / "ma_conv2-5").exists()  # nothing ran here
 
 
 def test_a_cancelled_task_is_reported_and_the_others_finish(interrupted):
-    run, record, sent = interrupted
+    run, record, sent, _ = interrupted
     exps = results(run)
     assert exps["stage1"]["status"] == "cancelled", exps["stage1"]
     assert record["tasks"]["stage1"] in exps["stage1"]["error"]
@@ -302,7 +311,7 @@ def test_a_cancelled_task_is_reported_and_the_others_finish(interrupted):
 
 
 def test_usr1_requeues_the_task_and_it_resumes_from_its_snapshot(interrupted):
-    run, record, sent = interrupted
+    run, record, sent, _ = interrupted
     task = record["tasks"]["ma_conv1-4"]
     log = (run / "slurm" / f"{task}.log").read_text()
     assert "SIGUSR1 from SLURM" in log and f"requeueing (scontrol requeue {task})" in log, log
