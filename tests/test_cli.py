@@ -57,7 +57,17 @@ def _wait(cond) -> None:
         time.sleep(0.001)
 
 
-def test_stop_signals_ask_for_a_stop_and_preempted_exits_75(capsys):
+@pytest.fixture
+def sigint_default():
+    """Python's own Ctrl-C handler for the test ("its usual meaning" below), which a process started
+    with SIGINT ignored does not get (a background job of a non-interactive shell, as CI may run
+    the suite); the previous handler comes back afterwards."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_stop_signals_ask_for_a_stop_and_preempted_exits_75(capsys, sigint_default):
     """SIGUSR1/SIGTERM set the flag (the first one decides; repeats change nothing), a Ctrl-C
     after that stops at once; the old handlers come back; Preempted is exit status 75."""
     before = signal.getsignal(signal.SIGUSR1)
