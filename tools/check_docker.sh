@@ -151,6 +151,14 @@ USER_ARGS=(--user "$(id -u):$(id -g)")
 OTHER_UID=4242:4242 # a uid with no account in the image
 run() { docker run --rm --network none "$@"; }
 
+check_no_build_tools() { # $1 image: the multi-stage build left compilers, headers and pip behind
+  local out
+  # shellcheck disable=SC2016 # expanded in the container
+  out=$(run "$1" sh -c 'for t in gcc g++ cc nvcc cicc cmake pip pip3; do command -v $t; done; ls /usr/include/boost /usr/include/cuda_runtime.h 2>/dev/null | head -n1' || true)
+  [ -z "$out" ] || die "$1 holds build tools or headers: $out"
+  say "$1: no compiler, nvcc, cmake, pip or development headers in the image"
+}
+
 check_any_uid() { # $1 image: make setup is a quick no-op for a uid the image does not know
   local t0 out
   t0=$(date +%s.%N)
@@ -166,6 +174,7 @@ check_cpu() {
   out=$(run "$img")
   echo "$out" | grep -q "^make setup" || die "$img's default command does not print make help: $out"
   say "$img: default command is make help"
+  check_no_build_tools "$img"
   check_any_uid "$img"
   rm -rf "$runs" && mkdir -p "$runs"
   t0=$(date +%s)
@@ -241,6 +250,7 @@ EOF
 
 check_cuda() {
   local img=redseg:cuda out
+  check_no_build_tools "$img"
   check_any_uid "$img"
   out=$(run "${USER_ARGS[@]}" "$img" .venv/bin/python -c '
 import subprocess
