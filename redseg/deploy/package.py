@@ -137,9 +137,12 @@ def _finite(x) -> float | None:
 
 
 def project_commit(repo: Path = REPO) -> dict:
-    """The project's git commit (``HEAD``) and whether tracked files differ from it; None values
-    when git or the repository is not there."""
-    out: dict = {"commit": None, "dirty": None}
+    """The project's git commit (``HEAD``) and whether tracked files differ from it; without a git
+    checkout (the Docker image holds no .git) the commit the image was built from, which its build
+    records in ``REDSEG_COMMIT``; None values when neither is there."""
+    out: dict = {"commit": os.environ.get("REDSEG_COMMIT") or None, "dirty": None}
+    if not (repo / ".git").exists():
+        return out
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=30)
         if head.returncode == 0:

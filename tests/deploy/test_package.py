@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import tarfile
 import zipfile
 from pathlib import Path
@@ -370,3 +371,16 @@ def test_fetch_over_http_a_folder_through_its_sums_and_an_archive(tmp_path, caps
         assert "cannot download" in capsys.readouterr().err and not (models / "missing").exists()
     finally:
         server.shutdown()
+
+
+def test_the_commit_comes_from_git_or_from_the_images_build(tmp_path, monkeypatch):
+    """A checkout names its git HEAD; a tree without .git (the Docker image) the commit its build
+    recorded in REDSEG_COMMIT; neither: None, never a guess."""
+    monkeypatch.setenv("REDSEG_COMMIT", "0123abc")
+    assert P.project_commit(tmp_path) == {"commit": "0123abc", "dirty": None}
+    monkeypatch.delenv("REDSEG_COMMIT")
+    assert P.project_commit(tmp_path) == {"commit": None, "dirty": None}
+    here = P.project_commit(REPO)
+    if (REPO / ".git").exists():
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        assert here["commit"] == head.stdout.strip() and here["dirty"] in (True, False)
