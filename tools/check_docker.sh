@@ -149,7 +149,15 @@ done
 # --- checks --------------------------------------------------------------------------------------
 USER_ARGS=(--user "$(id -u):$(id -g)")
 OTHER_UID=4242:4242 # a uid with no account in the image
-run() { docker run --rm --network none "$@"; }
+# The machine's OpenBLAS kernel overrides go into every container: a host run and a container run
+# on one machine are compared, and the kernels decide the rounding (README: "They depend on the BLAS
+# kernels"); some machines set OPENBLAS_CORETYPE in their environment, which the host run obeys.
+BLAS_ENV=()
+for var in OPENBLAS_CORETYPE OPENBLAS_L2_SIZE; do
+  [ -n "${!var:-}" ] && BLAS_ENV+=(-e "$var=${!var}")
+done
+[ ${#BLAS_ENV[@]} -gt 0 ] && say "passed into the containers from this machine: ${BLAS_ENV[*]}"
+run() { docker run --rm --network none "${BLAS_ENV[@]}" "$@"; }
 
 check_no_build_tools() { # $1 image: the multi-stage build left compilers, headers and pip behind
   local out
