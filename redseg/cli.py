@@ -118,6 +118,16 @@ def parser(doc: str | None, progress: bool = False) -> argparse.ArgumentParser:
     return ap
 
 
+def add_backend(ap: argparse.ArgumentParser) -> None:
+    """``--backend``: what runs a model package (``--model``): one meaning for every tool."""
+    ap.add_argument(
+        "--backend",
+        choices=("auto", "caffe", "onnx"),
+        default="auto",
+        help="what runs --model (default: Caffe if it imports, else ONNX Runtime)",
+    )
+
+
 def parse(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv`` (exit 2 on a usage error) and set up logging: INFO, or WARNING with -q."""
     args = ap.parse_args(argv)

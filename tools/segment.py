@@ -108,12 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--deploy", type=Path, help="deploy prototxt for --weights (default prototxt/deploy.prototxt)")
     ap.add_argument("--gpu", type=int, help="GPU id for --weights (default: CPU; --onnx uses CUDA when it can)")
-    ap.add_argument(
-        "--backend",
-        choices=("auto", "caffe", "onnx"),
-        default="auto",
-        help="what runs --model (default: Caffe if it imports, else ONNX Runtime)",
-    )
+    cli.add_backend(ap)
     ap.add_argument(
         "--num-parts",
         type=int,

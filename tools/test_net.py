@@ -39,12 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     model = ap.add_mutually_exclusive_group(required=True)
     model.add_argument("--weights", type=Path, help="trained Red-Seg .caffemodel")
     model.add_argument("--model", type=Path, help="a model package folder (tools/package_model.py)")
-    ap.add_argument(
-        "--backend",
-        choices=("auto", "caffe", "onnx"),
-        default="auto",
-        help="what runs --model (default: Caffe if it imports, else ONNX Runtime)",
-    )
+    cli.add_backend(ap)
     ap.add_argument("--data", type=Path, default=Path("data/idrid"), help="prepared set (default data/idrid)")
     ap.add_argument(
         "--out", type=Path, help="output folder (default <weights dir>/test_<weights name>; --model: runs/test_<name>)"
