@@ -230,17 +230,25 @@ def _package_model(args, mean):
     return seg, info.fov_diameter_px, info.thresholds, f"package {pkg.root}"
 
 
-def merge(out: Path) -> int:
+def _summarise(out: Path, rows: list[dict], settings: dict, how: str = "") -> int:
+    """The one summary (a single run's or merged parts'), its line, and the exit rule: 0 when at
+    least one photograph was segmented."""
     from redseg.deploy import screening
 
-    rows, settings = screening.merge_parts(out)
     paths = screening.write_summary(out, rows, settings)
     n_ok = sum(r["status"] == "ok" for r in rows)
-    print(f"{n_ok} of {len(rows)} photographs segmented (merged parts); summary: {paths['csv']}, {paths['html']}")
+    print(f"{n_ok} of {len(rows)} photographs segmented{how}; summary: {paths['csv']}, {paths['html']}")
     print(screening.DISCLAIMER)
     if n_ok == 0:
         raise screening.ScreeningError(f"no photograph could be segmented ({len(rows)} skipped; see {paths['csv']})")
     return 0
+
+
+def merge(out: Path) -> int:
+    from redseg.deploy import screening
+
+    rows, settings = screening.merge_parts(out)
+    return _summarise(out, rows, settings, " (merged parts)")
 
 
 def run(args) -> int:
@@ -307,13 +315,7 @@ def segment(args, stop) -> int:
         print(f"part {part_id} of {num_parts}: {n_ok} of {len(rows)} photographs segmented; {part}")
         print(f"when every part is done: python tools/segment.py --merge {args.out}")
         return 0
-    paths = screening.write_summary(args.out, rows, settings)
-    n_ok = sum(r["status"] == "ok" for r in rows)
-    print(f"{n_ok} of {len(rows)} photographs segmented; summary: {paths['csv']}, {paths['html']}")
-    print(screening.DISCLAIMER)
-    if n_ok == 0:
-        raise screening.ScreeningError(f"no photograph could be segmented ({len(rows)} skipped; see {paths['csv']})")
-    return 0
+    return _summarise(args.out, rows, settings)
 
 
 if __name__ == "__main__":
