@@ -63,6 +63,11 @@ log = logging.getLogger(__name__)
 
 REFERENCE_WIDTH = 1072  # the paper's working width (4288 / 4); default sizes are tuned at it
 DEFAULT_MA_RADIUS_AT_REF = (6.0, 9.0)  # full-size px at 1072 px width -> 1.5-2.25 px after 4x
+# The fundus radius as a share of the image width, drawn per image (IDRiD: ~3500 px of 4288, the
+# disc cut at the top and bottom): its mean 0.415 gives the reference FOV diameter 2 x 0.415 x 1072
+# = 889.8 px, at which every default lesion size is tuned.
+DEFAULT_FOV_RADIUS = (0.405, 0.425)
+REFERENCE_FOV_DIAMETER = (DEFAULT_FOV_RADIUS[0] + DEFAULT_FOV_RADIUS[1]) * REFERENCE_WIDTH  # 889.76 px
 MARKER = "synthetic.json"  # written last at the root of a generated tree; marks it as ours
 FORMAT_VERSION = 1
 
@@ -73,19 +78,31 @@ class SyntheticParams:
 
     width: int = REFERENCE_WIDTH
     height: int = 712
-    # (min, max) MA radius in full-size pixels; None: DEFAULT_MA_RADIUS_AT_REF x width/1072, >= 1 px.
+    # (min, max) MA radius in full-size pixels; None: DEFAULT_MA_RADIUS_AT_REF x size_scale(), >= 1 px.
     ma_radius: tuple[float, float] | None = None
     ma_count: tuple[int, int] = (5, 25)  # per image, inclusive
     he_count: tuple[int, int] = (1, 8)  # per image that has haemorrhages, inclusive
     no_he_fraction: float = 0.2  # share of each split without any haemorrhage (no _HE.tif)
     ex_fraction: float = 0.3  # share of images (random per image) with hard exudates
     jpeg_quality: int = 95
+    # (min, max) fundus radius as a share of the width, drawn per image; None: DEFAULT_FOV_RADIUS
+    # (IDRiD). When set, every lesion size scales with the mean FOV diameter instead of the width
+    # (size_scale), so a lesion keeps its size relative to the FOV whatever the frame; a FOV wider
+    # than the frame is cut by it (redseg/data/synthetic_layouts.py's cameras use this).
+    fov_radius: tuple[float, float] | None = None
+
+    def size_scale(self) -> float:
+        """Lesion sizes (tuned at the reference FOV) are multiplied by this: the width / 1072 by
+        default, else the mean FOV diameter / REFERENCE_FOV_DIAMETER."""
+        if self.fov_radius is None:
+            return self.width / REFERENCE_WIDTH
+        return self.width * (self.fov_radius[0] + self.fov_radius[1]) / REFERENCE_FOV_DIAMETER
 
     def resolved_ma_radius(self) -> tuple[float, float]:
         if self.ma_radius is not None:
             lo, hi = self.ma_radius
         else:
-            k = self.width / REFERENCE_WIDTH
+            k = self.size_scale()
             lo, hi = DEFAULT_MA_RADIUS_AT_REF[0] * k, DEFAULT_MA_RADIUS_AT_REF[1] * k
         lo = max(1.0, float(lo))  # below 1 px a dot has no pixel with alpha >= 0.5
         return lo, max(lo, float(hi))
@@ -104,6 +121,9 @@ class SyntheticParams:
         lo, hi = self.ma_radius if self.ma_radius is not None else (1.0, 1.0)
         if not 0 < lo <= hi:
             raise ValueError(f"ma_radius must be 0 < min <= max, got {lo},{hi}")
+        lo, hi = self.fov_radius if self.fov_radius is not None else DEFAULT_FOV_RADIUS
+        if not 0.1 <= lo <= hi <= 1.0:
+            raise ValueError(f"fov_radius must be 0.1 <= min <= max <= 1 (shares of the width), got {lo},{hi}")
 
 
 @dataclass
@@ -347,7 +367,10 @@ def render_fundus(rng: np.random.Generator, params: SyntheticParams, with_he: bo
     # --- geometry (units of the fundus radius R, origin at the disc centre) ---
     cx = w / 2 + rng.normal(0, 0.008 * w)
     cy = h / 2 + rng.normal(0, 0.008 * h)
-    radius = w * rng.uniform(0.405, 0.425)  # IDRiD: ~3500 px of 4288, cut at top and bottom
+    radius = w * rng.uniform(*(params.fov_radius or DEFAULT_FOV_RADIUS))  # IDRiD: cut at top and bottom
+
+    def sized(c: float) -> float:  # a size tuned at the reference FOV, in this image's pixels
+        return c * w / REFERENCE_WIDTH if params.fov_radius is None else c * params.size_scale()
 
     def to_px(p: np.ndarray) -> tuple[float, float]:
         return cx + p[0] * radius, cy + p[1] * radius
@@ -375,7 +398,7 @@ def render_fundus(rng: np.random.Generator, params: SyntheticParams, with_he: bo
     bg = centre_bgr * np.clip(fall, 0.15, 1.0)
     tex_lo = _smooth_noise(rng, (h, w), (10, 14))
     tex_mid = _smooth_noise(rng, (h, w), (34, 50))
-    fine = cv2.GaussianBlur(rng.standard_normal((h, w), dtype=np.float32), (0, 0), max(0.5, 1.2 * w / 1072))
+    fine = cv2.GaussianBlur(rng.standard_normal((h, w), dtype=np.float32), (0, 0), max(0.5, sized(1.2)))
     tex = 1 + 0.035 * tex_lo + 0.025 * tex_mid + 0.05 * fine
     bg *= tex[..., None]
     # choroidal warmth: redder and slightly darker in patches
@@ -409,7 +432,7 @@ def render_fundus(rng: np.random.Generator, params: SyntheticParams, with_he: bo
     # --- vessels ---
     segs = _vessel_tree(rng, od, fovea, side)
     vein, artery = _draw_vessels(segs, lambda p: to_px(p), radius, w, h)
-    blur = max(0.3, 0.45 * w / REFERENCE_WIDTH)
+    blur = max(0.3, sized(0.45))
     vein = cv2.GaussianBlur(vein, (0, 0), blur)
     artery = cv2.GaussianBlur(artery, (0, 0), blur)
     vein_f = np.array([0.62, 0.42, 0.60], np.float32)  # multiplicative (B, G, R) at full coverage
@@ -419,7 +442,7 @@ def render_fundus(rng: np.random.Generator, params: SyntheticParams, with_he: bo
 
     masks: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    scale = w / REFERENCE_WIDTH  # lesion sizes other than MA scale with the width
+    scale = sized(1.0)  # lesion sizes other than MA scale with the width (or the FOV, see fov_radius)
     inside = (r < 0.9) & (d_od > 1.35)
     forbidden_he = ~inside | (np.sqrt(dm2) < 0.05)
 
@@ -579,6 +602,15 @@ def _no_he_ids(ids: list[int], fraction: float, seed: int, split_code: int) -> s
     return {ids[j] for j in rng.permutation(n)[:k]}
 
 
+def _params_dict(params: SyntheticParams) -> dict:
+    """The parameters as recorded in synthetic.json; fov_radius only when set, so a default IDRiD
+    tree's marker (and its "already generated" check) is what it was before the field existed."""
+    d = asdict(params)
+    if d["fov_radius"] is None:
+        del d["fov_radius"]
+    return d
+
+
 def _bgr_tiff(mask: np.ndarray) -> np.ndarray:
     out = np.zeros(mask.shape + (3,), np.uint8)
     out[mask, 2] = 255  # red in RGB viewers, like IDRiD's masks
@@ -618,7 +650,7 @@ def generate_idrid_tree(
         "seed": int(seed),
         "n_train": n_train,
         "n_test": n_test,
-        "params": {**asdict(params), "ma_radius_resolved": list(params.resolved_ma_radius())},
+        "params": {**_params_dict(params), "ma_radius_resolved": list(params.resolved_ma_radius())},
     }
     marker = out / MARKER
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):  # an empty folder is used
