@@ -125,6 +125,14 @@ IDRID_FULL_SIZE = (4288, 2848)  # (width, height) of the original photographs
 DOWNSAMPLE = 4  # images and masks are downsampled 4x to 1072x712
 TRAIN_IDS = tuple(range(1, 55))  # IDRiD_01 .. IDRiD_54
 TEST_IDS = tuple(range(55, 82))  # IDRiD_55 .. IDRiD_81
+# DiaretDB1's official split (published with the data set: 28 training / 61 test images of
+# image001..image089): the training images' numbers; the test images are the other 61. Used by the
+# DiaretDB1 reader and the synthetic DiaretDB1 layout (redseg/data/synthetic_layouts.py).
+DIARETDB1_TRAIN_IDS = (
+    1, 3, 4, 9, 10, 11, 13, 14, 20, 22, 24, 25, 26, 27,
+    28, 29, 35, 36, 38, 42, 53, 55, 57, 64, 70, 79, 84, 86,
+)  # fmt: skip
+DIARETDB1_TEST_IDS = tuple(i for i in range(1, 90) if i not in DIARETDB1_TRAIN_IDS)
 # [assumption, docs/method.md#augmentations] the 6x augmentation: identity, three rotations, two
 # mirrors.
 AUGMENTATIONS = ("id", "rot90", "rot180", "rot270", "fliph", "flipv")
