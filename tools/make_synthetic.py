@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write synthetic colour fundus photographs in the official IDRiD segmentation layout.
+"""Write synthetic colour fundus photographs in a public data set's published layout (IDRiD default).
 
 The images stand in for IDRiD (paper section 3.1), which cannot be shipped: same folder and file
 names (``A. Segmentation/1. Original Images/...``, ``2. All Segmentation Groundtruths/...``),
@@ -7,8 +7,14 @@ JPEG photographs ``IDRiD_NN.jpg`` and colour TIFF masks ``IDRiD_NN_{MA,HE,EX,OD}
 of the images have no haemorrhage and no ``_HE.tif`` (IDRiD: a missing mask means no lesion).
 Feed the result to ``tools/prepare_idrid.py`` like the real archive. See redseg/data/synthetic.py.
 
+``--layout ddr|fgadr|eophtha-ma|diaretdb1`` writes a copy of that data set's layout instead, with
+its own camera (frame, field of view, colour cast, lesion density) and mask encoding
+(redseg/data/synthetic_layouts.py, docs/data_format.md); only --out, --seed, --n, --top, --force
+and --sample apply there.
+
     python tools/make_synthetic.py --out data/synthetic_idrid            # 54 + 27 at 712x1072 (HxW)
     python tools/make_synthetic.py --out /tmp/s --size 178x268 --n-train 4 --n-test 2 --seed 3
+    python tools/make_synthetic.py --layout ddr --out /tmp/ddr --n train=4,valid=2,test=3
 """
 
 from __future__ import annotations
@@ -32,7 +38,17 @@ from redseg.data.synthetic import (  # noqa: E402
     generate_idrid_tree,
     preview,
 )
+from redseg.data.synthetic_layouts import (  # noqa: E402
+    EOPHTHA_TOPS,
+    LAYOUTS,
+    generate_layout,
+    parse_counts,
+    resolve_counts,
+)
 from redseg.fileio import write_image  # noqa: E402
+
+# Options of the IDRiD renderer only: another layout draws with its own cameras.
+IDRID_ONLY = ("size", "n_train", "n_test", "ma_radius", "ma_count", "he_count", "no_he_fraction", "ex_fraction")
 
 
 def _pair(kind):
@@ -48,7 +64,21 @@ def _pair(kind):
 
 def main(argv: list[str] | None = None) -> int:
     ap = cli.parser(__doc__.split("\n\n")[0], progress=True)
-    ap.add_argument("--out", required=True, type=Path, help="root of the tree (gets 'A. Segmentation/')")
+    ap.add_argument("--out", required=True, type=Path, help="root of the tree (idrid: gets 'A. Segmentation/')")
+    ap.add_argument(
+        "--layout", choices=list(LAYOUTS), default="idrid", help="whose published layout and cameras (idrid)"
+    )
+    ap.add_argument(
+        "--n",
+        type=_counts,
+        default=None,
+        metavar="SPLIT=N,...",
+        help="images per split, e.g. train=4,valid=2,test=3 (ddr train/valid/test, fgadr all, "
+        "eophtha-ma MA/healthy, diaretdb1 train/test, idrid train/test); the rest keep their default",
+    )
+    ap.add_argument(
+        "--top", choices=EOPHTHA_TOPS, default=EOPHTHA_TOPS[0], help="eophtha-ma: spelling of the top folder"
+    )
     ap.add_argument(
         "--size",
         type=cli.size_at_least(16, "a fundus needs room"),
@@ -73,10 +103,50 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample", type=Path, help="also write a half-size JPEG preview of the first image here")
     ap.add_argument("--force", action="store_true", help="replace an existing synthetic set at --out")
     args = cli.parse(ap, argv)
+    if args.layout != "idrid":
+        given = [o for o in IDRID_ONLY if getattr(args, o) != ap.get_default(o)]
+        if given:
+            ap.error(f"--{given[0].replace('_', '-')} applies to --layout idrid only")
+    if args.top != EOPHTHA_TOPS[0] and args.layout != "eophtha-ma":
+        ap.error("--top applies to --layout eophtha-ma only")
+    if args.n is not None:
+        try:
+            resolve_counts(args.layout, args.n)
+        except ValueError as e:
+            ap.error(f"--n: {e}")
     return cli.run(lambda: run(args), ap.prog)
 
 
+def _counts(text: str) -> dict[str, int]:
+    try:
+        return parse_counts(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SPLIT=N[,SPLIT=N...], got {text!r}") from None
+
+
+def run_layout(args) -> int:
+    t0 = time.perf_counter()
+    info = generate_layout(
+        args.layout, args.out, args.seed, args.n, force=args.force, progress=cli.show_progress(args), top=args.top
+    )
+    counts = ", ".join(f"{k} {v}" for k, v in info["counts"].items())
+    logging.info("%s: %s images in %s [%.1f s]", args.layout, counts, args.out, time.perf_counter() - t0)
+    if args.sample:
+        rec = next(iter(info["images"].values()))
+        img = cv2.imread(str(args.out / rec["path"]), cv2.IMREAD_COLOR)
+        small = preview(img, max(1, img.shape[1] // 2))
+        args.sample.parent.mkdir(parents=True, exist_ok=True)
+        write_image(args.sample, small, [cv2.IMWRITE_JPEG_QUALITY, 88])
+        logging.info("preview of %s -> %s (%s)", rec["path"], args.sample, "x".join(map(str, small.shape[:2])))
+    return 0
+
+
 def run(args) -> int:
+    if args.layout != "idrid":
+        return run_layout(args)
+    if args.n is not None:
+        args.n_train = args.n.get("train", args.n_train)
+        args.n_test = args.n.get("test", args.n_test)
     params = SyntheticParams(
         width=args.size[1],
         height=args.size[0],

@@ -688,7 +688,13 @@ def generate_idrid_tree(
                 "lesions": syn.counts,
                 "pixels": {k: int(m.sum()) for k, m in syn.masks.items()},
             }
-        info = {"generator": "redseg.synthetic", "settings": settings, "images": images}
+        info = {
+            "generator": "redseg.synthetic",
+            "layout": "idrid",  # as every synthetic tree's marker (redseg/data/synthetic_layouts.py)
+            "counts": {"train": n_train, "test": n_test},
+            "settings": settings,
+            "images": images,
+        }
         write_json(tmp / MARKER, info)  # last
     log.info("wrote %d synthetic images to %s", len(jobs), out)
     return info
