@@ -176,14 +176,16 @@ PAPER_COMPARISON_AUC_PR = {
 }
 
 # --- Segmenting new photographs (tools/segment.py, docs/segment.md) ------------------------------
-# [derived, not measured on IDRiD] The field-of-view (FOV) diameter of IDRiD's training images at a
-# quarter of full size (1072x712), in pixels: what a photograph's FOV is rescaled to when neither
-# the model (its sidecar / ONNX metadata) nor --data says otherwise. IDRiD itself is not available
-# here, so this is the median that redseg.data.fov measures on the 54 training images of the synthetic
-# generator (redseg/data/synthetic.py, drawn at 1072x712 with the fundus radius 0.405-0.425 of the
-# width after IDRiD's "~3500 of 4288 px" disc): 888.1 px (871-911), i.e. 0.83 of the width. A
-# prepared IDRiD set measures the real value into its meta.json (fov_diameter_px), which wins.
-IDRID_QUARTER_FOV_DIAMETER_PX = 888.1
+# [measured] The field-of-view (FOV) diameter of IDRiD photographs at a quarter of full size
+# (1072x712), in pixels: the one scale of every prepared set (tools/prepare_data.py rescales each
+# photograph of DDR, FGADR, e-ophtha, DiaretDB1 so that its FOV is this wide) and what
+# tools/segment.py rescales a photograph's FOV to when neither the model (its sidecar / ONNX
+# metadata) nor --data says otherwise. The median over the 27 IDRiD test photographs at 1072x712
+# that the Red-Seg authors released with their later code (SEBNet): 853 px (852.5 to 950.3), as
+# measured by redseg.data.fov and by an independent detector (retinalysis-fundusprep) within 0.08 %
+# of each other. (The project's earlier value, 888.1 px, was derived from the synthetic generator
+# and is 4 % too large.) A prepared IDRiD set measures its own value into meta.json, which wins.
+IDRID_QUARTER_FOV_DIAMETER_PX = 853.0
 # Smallest connected component of a thresholded map counted as a lesion, in pixels at the
 # network's (training) scale: drops single-pixel specks; every labelled lesion of a prepared set is
 # larger (the 'any' mask rule; the smallest synthetic MA component at 268x178 is 9 px).

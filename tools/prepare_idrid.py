@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redseg import cli  # noqa: E402
 from redseg.config import DOWNSAMPLE  # noqa: E402
-from redseg.data.idrid import DEFAULT_LESIONS, prepare  # noqa: E402
+from redseg.data.idrid import prepare  # noqa: E402
+from redseg.data.prepare import DEFAULT_LESIONS  # noqa: E402
 from redseg.data.prepared_set import MASK_RULES  # noqa: E402
 
 

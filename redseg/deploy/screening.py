@@ -149,7 +149,7 @@ def resolve_settings(
         fov, fov_src = float(model_fov), f"model: {model_source}"
     else:
         fov = C.IDRID_QUARTER_FOV_DIAMETER_PX
-        fov_src = "default: config.IDRID_QUARTER_FOV_DIAMETER_PX (IDRiD at a quarter size, derived; docs/segment.md)"
+        fov_src = "default: config.IDRID_QUARTER_FOV_DIAMETER_PX (IDRiD at a quarter size, measured; docs/segment.md)"
     if not (math.isfinite(fov) and fov > 0):
         raise ScreeningError(f"the training FOV diameter must be positive, got {fov} ({fov_src})")
     thresholds, sources = {}, {}

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from redseg.config import AUGMENTATIONS, IDRID_LESION_DIRS
-from redseg.data.idrid import IdridError, augment, augment_point, prepare, prepared_size
+from redseg.data.idrid import IdridError, prepare
+from redseg.data.prepare import augment, augment_point, prepared_size
 from redseg.data.prepared_set import downsample_mask
 from redseg.data.synthetic import SyntheticParams, generate_idrid_tree
 

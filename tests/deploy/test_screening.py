@@ -317,7 +317,7 @@ def test_settings_precedence():
     assert S.resolve_settings("m", 222.2, None, "x", fov_diameter=50).fov_diameter_px == 50
     with pytest.raises(S.ScreeningError):
         S.resolve_settings("m", None, None, "x", min_size=-1)
-    assert math.isclose(S.resolve_settings("m", None, None, "x", data_fov=(None, "d")).fov_diameter_px, 888.1)
+    assert math.isclose(S.resolve_settings("m", None, None, "x", data_fov=(None, "d")).fov_diameter_px, 853.0)
 
 
 # --- parts and merging ----------------------------------------------------------------------------
