@@ -128,6 +128,13 @@ def add_backend(ap: argparse.ArgumentParser) -> None:
     )
 
 
+def add_dataset(ap: argparse.ArgumentParser) -> None:
+    """``--dataset``: which published layout ``--gt`` / ``--src`` holds (docs/datasets.md)."""
+    from redseg.config import DATASETS
+
+    ap.add_argument("--dataset", choices=DATASETS, help="the data set's layout (default: recognised from its folders)")
+
+
 def parse(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv`` (exit 2 on a usage error) and set up logging: INFO, or WARNING with -q."""
     args = ap.parse_args(argv)

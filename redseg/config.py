@@ -120,6 +120,9 @@ SCHEDULES = {
     ),
 }
 
+# The data sets read as published (docs/datasets.md; their readers: redseg/data/datasets.py).
+DATASETS = ("idrid", "ddr", "fgadr", "eophtha-ma", "diaretdb1")
+
 # --- Data (section 3.1) ------------------------------------------------------------------------
 IDRID_FULL_SIZE = (4288, 2848)  # (width, height) of the original photographs
 DOWNSAMPLE = 4  # images and masks are downsampled 4x to 1072x712

@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""Score MA/HE prediction maps against IDRiD ground truth (the authors' protocol, paper section 3.3).
+"""Score MA/HE prediction maps against lesion ground truth (the authors' protocol, paper section 3.3).
 
     python tools/evaluate.py --pred runs/x/pred --gt data/IDRiD [--out DIR] [--at-pred-size]
+    python tools/evaluate.py --pred runs/x/pred --gt ~/DDR-dataset [--dataset ddr]
 
---pred holds <image>_ma.png and <image>_he.png (8-bit, probability x 255); --gt is the official
-IDRiD folder (the one holding "A. Segmentation") or a prepared set (tools/prepare_idrid.py).
-Writes metrics.json, report.md, pr_curves.png and overlays/ (see docs/evaluation.md).
+--pred holds <image>_ma.png and <image>_he.png (8-bit, probability x 255); --gt is a data set as
+published (IDRiD's folder holding "A. Segmentation"; DDR, FGADR, e-ophtha MA or DiaretDB1 as a
+folder or .zip, recognised or named by --dataset: its test split at its own label size,
+docs/datasets.md) or a prepared set (tools/prepare_data.py). A lesion the set has no ground truth
+for (HE on e-ophtha MA) is reported as not scored. Writes metrics.json, report.md, pr_curves.png
+and overlays/ (see docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ def default_out(pred: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = cli.parser(__doc__, progress=True)
     ap.add_argument("--pred", required=True, type=Path, help="folder of <image>_ma.png / <image>_he.png")
-    ap.add_argument("--gt", required=True, type=Path, help="official IDRiD root or a prepared set")
+    ap.add_argument("--gt", required=True, type=Path, help="a data set as published, or a prepared set")
+    cli.add_dataset(ap)
     ap.add_argument("--out", type=Path, help="output folder (default: see default_out: <pred>/../eval)")
     ap.add_argument(
         "--at-pred-size",
@@ -65,6 +70,7 @@ def run(args) -> int:
         overlays=args.overlays,
         interpolation=args.interp,
         progress=cli.show_progress(args),
+        dataset=args.dataset,
     )
     print(summary_table(result))
     print(f"\nreport: {Path(out) / 'report.md'}\nmetrics: {Path(out) / 'metrics.json'}")

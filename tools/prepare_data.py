@@ -26,14 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from redseg import cli  # noqa: E402
 from redseg.config import DOWNSAMPLE, IDRID_QUARTER_FOV_DIAMETER_PX  # noqa: E402
-from redseg.data.datasets import DATASETS, open_source  # noqa: E402
+from redseg.data.datasets import open_source  # noqa: E402
 from redseg.data.prepare import DEFAULT_LESIONS, PrepareOptions, prepare_source  # noqa: E402
 from redseg.data.prepared_set import MASK_RULES  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = cli.parser(__doc__.split("\n\n")[0], progress=True)
-    ap.add_argument("--dataset", choices=DATASETS, help="the data set (default: recognised from the layout)")
+    cli.add_dataset(ap)
     ap.add_argument("--src", required=True, type=Path, help="the data set as downloaded: its folder or a .zip")
     ap.add_argument("--out", required=True, type=Path, help="prepared set to write, e.g. data/ddr")
     ap.add_argument(

@@ -5,8 +5,9 @@
 
 Writes <out>/pred/<image>_ma.png and <image>_he.png (8-bit, probability x 255), then runs the
 evaluation (tools/evaluate.py's library) into <out>/eval: metrics.json, report.md, pr_curves.png,
-overlays. With --gt pointing at the official IDRiD folder the full-size labels are used (the
-authors' protocol resizes the maps to the label size); --full-size also saves the maps upsampled
+overlays. With --gt pointing at a data set as published (IDRiD's folder; DDR, FGADR, e-ophtha MA,
+DiaretDB1: --dataset, or recognised) its own full-size labels are used (the authors' protocol
+resizes the maps to the label size); --full-size also saves the maps upsampled
 to the original resolution. After scoring, <weights>.json beside the weights records the input
 mean, the training FOV diameter and each lesion's break-even threshold for tools/segment.py and
 tools/export_onnx.py (redseg/deploy/model_info.py).
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, help="output folder (default <weights dir>/test_<weights name>; --model: runs/test_<name>)"
     )
     ap.add_argument("--gt", type=Path, help="ground truth for scoring (default: the prepared set's test masks)")
+    cli.add_dataset(ap)
     ap.add_argument("--deploy", type=Path, help="deploy prototxt (default prototxt/deploy.prototxt)")
     ap.add_argument("--full-size", action="store_true", help="save maps upsampled by the set's factor")
     ap.add_argument("--gpu", type=int, help="GPU id (default: CPU)")
@@ -113,7 +115,9 @@ def run(args, out: Path) -> int:
     if args.no_eval:
         return 0
     progress = cli.show_progress(args)
-    result = evaluate(pred, args.gt or args.data, out / "eval", overlays=args.overlays, progress=progress)
+    result = evaluate(
+        pred, args.gt or args.data, out / "eval", overlays=args.overlays, progress=progress, dataset=args.dataset
+    )
     print(summary_table(result))
     print(f"report: {out / 'eval' / 'report.md'}")
     if pkg is not None:

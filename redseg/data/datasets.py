@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from redseg import config as C
 from redseg.data.archive import Archive, SourceError
 from redseg.data.ddr import DdrSource
 from redseg.data.diaretdb1 import Diaretdb1Source
@@ -27,6 +28,7 @@ READERS = {
     "diaretdb1": Diaretdb1Source,
 }
 DATASETS = tuple(READERS)
+assert DATASETS == C.DATASETS, "config.DATASETS and the readers disagree"
 
 
 def detect(src: str | os.PathLike) -> str:

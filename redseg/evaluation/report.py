@@ -91,6 +91,9 @@ def summary_table(result: dict) -> str:
     ]
     for les in LESIONS:
         m = result[les]
+        if m.get("not_scored"):
+            rows.append(f"| {les} | not scored: {m['not_scored']} |" + " |" * 9)
+            continue
         be, half = m["break_even"], m["at_0.5"]
         rows.append(
             f"| {les} | {_fmt(m['auc_pr'])} | {_fmt(m['ap'])} | {_fmt(be['precision'])} | "
@@ -191,6 +194,9 @@ def render_report(result: dict) -> str:
     for les in LESIONS:
         m = result[les]
         gone = ", ".join(missing[les]) if missing[les] else "none"
+        if m.get("not_scored"):
+            lines.append(f"- {les}: not scored ({m['not_scored']})")
+            continue
         lines.append(
             f"- {les}: {m['n_pos']} lesion / {m['n_neg']} background pixels; images without a {les} "
             f"mask (no lesion): {gone}"

@@ -8,11 +8,14 @@ the label size when they differ, thresholded at t = i/30, and TP/FP/FN are poole
 images before P, R and the trapezoid AUC_PR are computed (``redseg.evaluation.metrics``).
 
 Ground truth comes from either
-  * the official IDRiD folder (the one holding ``A. Segmentation``, or that folder itself), read
-    by the reader preparation uses (``redseg.data.idrid.IdridSource``): the test set (``b. Testing
-    Set``), colour TIFF masks by the project's one mask rule (redseg.data.prepared_set), a missing mask
-    file means no lesion of that kind, image names discovered from the files present; or
-  * a prepared set (``tools/prepare_idrid.py``): its ``test.txt`` list and 0/255 PNG masks.
+  * a data set as published (``--gt`` the folder, or for the sets other than IDRiD also its .zip),
+    read by the reader preparation uses (redseg.data.datasets): IDRiD's test set (``b. Testing
+    Set``, colour TIFF masks, a missing mask file means no lesion of that kind), or the test split
+    of DDR, FGADR, e-ophtha MA or DiaretDB1 (each set's own mask rule, docs/datasets.md), at the
+    set's own label size; a lesion the set has no ground truth for (HE on e-ophtha MA) is reported
+    as not scored, never as 0; or
+  * a prepared set (``tools/prepare_data.py``): its ``test.txt`` list and 0/255 PNG masks, with
+    meta.json's ``not_scored`` lesions left out likewise.
 See docs/data_format.md for both layouts and docs/evaluation.md for the choices made here. The
 files of a run (metrics.json, report.md, the curves and overlays) are written by redseg.evaluation.report.
 """
@@ -22,8 +25,11 @@ from __future__ import annotations
 import logging
 import os
 import time
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -31,7 +37,8 @@ from tqdm import tqdm
 
 from redseg import config as C
 from redseg.config import LESIONS, PROTOCOL_THRESHOLDS
-from redseg.data.idrid import IdridError, IdridSource
+from redseg.data.archive import SourceError
+from redseg.data.datasets import detect, open_source
 from redseg.data.prepared_set import (
     DataError,
     downsample_mask,
@@ -75,7 +82,7 @@ class GtImage:
     """One test image: its masks (None = no mask file = no lesion) and its fundus photo if found."""
 
     name: str
-    masks: dict[str, Path | None]
+    masks: dict[str, Any]  # a path, or a file of the data set's reader (redseg.data.archive.SourceFile)
     photo: Path | None = None
 
 
@@ -87,17 +94,21 @@ class GroundTruth:
     path: Path  # what the user gave
     images: list[GtImage]
     info: dict = field(default_factory=dict)  # e.g. the prepared set's meta.json
+    not_scored: dict[str, str] = field(default_factory=dict)  # lesion -> why it has no ground truth
+    read_mask: Callable[[Any], np.ndarray] = read_mask  # a mask of ``images`` as a bool map
+    close: Callable[[], None] = lambda: None  # releases the reader (a zip) when scoring is done
 
 
 # --- ground truth -------------------------------------------------------------------------------
 
 
-def find_ground_truth(gt: str | os.PathLike) -> GroundTruth:
+def find_ground_truth(gt: str | os.PathLike, dataset: str | None = None) -> GroundTruth:
     """Detect the layout of ``gt`` and list its test images.
 
-    Accepted: the official IDRiD root (holding ``A. Segmentation``) or that folder itself; a
-    prepared set's folder (holding ``test.txt``) or its list file. Anything else raises
-    ``EvaluationError`` naming the path.
+    Accepted: a data set as published (redseg.data.datasets: IDRiD's root, the folder holding
+    ``A. Segmentation``, or that folder itself; DDR, FGADR, e-ophtha MA, DiaretDB1 as a folder or
+    a .zip; ``dataset`` names it, else it is recognised); a prepared set's folder (holding
+    ``test.txt``) or its list file. Anything else raises ``EvaluationError`` naming the path.
     """
     path = Path(gt)
     if not path.exists():
@@ -105,44 +116,69 @@ def find_ground_truth(gt: str | os.PathLike) -> GroundTruth:
     if path.is_file():
         if path.suffix.lower() == ".txt":
             return _prepared(path)
-        raise EvaluationError(f"ground truth {path} is a file but not a prepared set's list file (.txt)")
-    if (path / C.IDRID_SEG_DIR).is_dir() or path.name == C.IDRID_SEG_DIR:
-        return _official(path)
-    if list_path(path, "test").is_file():
+        if not zipfile.is_zipfile(path):
+            raise EvaluationError(f"ground truth {path} is a file but not a prepared set's list file (.txt) or a .zip")
+    elif dataset is None and list_path(path, "test").is_file():
         return _prepared(list_path(path, "test"))
-    raise EvaluationError(
-        f"ground truth {path} is neither the official IDRiD folder (no '{C.IDRID_SEG_DIR}' "
-        f"inside) nor a prepared set (no '{list_path(path, 'test').name}' inside); see docs/data_format.md"
-    )
-
-
-def _official(path: Path) -> GroundTruth:
-    """The test set of the official layout, listed by ``redseg.data.idrid.IdridSource``."""
+    elif dataset is None and ((path / C.IDRID_SEG_DIR).is_dir() or path.name == C.IDRID_SEG_DIR):
+        return _published(path, "idrid")
     try:
-        with IdridSource(path) as source:
-            items = source.split_images("test", LESIONS)
-            if not source.index.mask_ids["test"]:
-                raise EvaluationError(
-                    f"official IDRiD ground truth: no test-set masks under "
-                    f"'{source.index.root}/{C.IDRID_GT_DIR}/{C.IDRID_SPLIT_DIRS['test']}'"
-                )
-            for warning in source.index.warnings:
-                log.warning("%s", warning)
-            images = [
-                GtImage(
-                    it.name,
-                    {les: source.local_path(f) if f is not None else None for les, f in it.masks.items()},
-                    source.local_path(it.image) if it.image is not None else None,
-                )
-                for it in items
-            ]
-            seg = Path(source.index.root)
-    except IdridError as e:
-        raise EvaluationError(f"official IDRiD ground truth {path}: {e}") from e
-    masks = seg / C.IDRID_GT_DIR / C.IDRID_SPLIT_DIRS["test"]
-    # tools/make_synthetic.py leaves synthetic.json beside "A. Segmentation": say so in the report.
-    synthetic = (seg.parent / "synthetic.json").is_file()
-    return GroundTruth("official", path, images, {"masks": str(masks), "synthetic": synthetic})
+        name = dataset or detect(path)
+        if name == "idrid" and dataset is None:  # IDRiD is taken at its root or 'A. Segmentation' only
+            raise SourceError(f"'{C.IDRID_SEG_DIR}' lies deeper; point --gt at the folder holding it")
+    except SourceError as e:
+        raise EvaluationError(
+            f"ground truth {path} is neither a data set as published nor a prepared set (no "
+            f"'{list_path(path, 'test').name}' inside): {e}; see docs/datasets.md"
+        ) from e
+    return _published(path, name)
+
+
+def _published(path: Path, dataset: str) -> GroundTruth:
+    """The test split of a data set as published, listed by its reader (redseg.data.datasets)."""
+    try:
+        source = open_source(path, dataset, allow_partial=True)
+    except SourceError as e:
+        raise EvaluationError(f"{dataset} ground truth {path}: {e}") from e
+    try:
+        items = source.split_images("test", LESIONS) if dataset == "idrid" else source.items("test", LESIONS)
+        if not items:
+            raise EvaluationError(f"{source.title} ground truth {path}: no test images under {source.index.root}")
+        if dataset == "idrid" and not source.index.mask_ids["test"]:
+            raise EvaluationError(
+                f"official IDRiD ground truth: no test-set masks under "
+                f"'{source.index.root}/{C.IDRID_GT_DIR}/{C.IDRID_SPLIT_DIRS['test']}'"
+            )
+        for warning in source.all_warnings():
+            log.warning("%s", warning)
+        for missing in (m for m in source.partial if "test" in m or dataset != "idrid"):
+            log.warning("%s ground truth %s: missing %s", source.title, path, missing)
+        images = [
+            GtImage(
+                it.name,
+                {les: f for les, f in it.masks.items()},
+                None if source.is_zip or it.image is None else source.local_path(it.image),
+            )
+            for it in items
+        ]
+    except BaseException:
+        source.close()
+        raise
+    root = Path(source.index.root)
+    if dataset == "idrid":
+        masks = str(root / C.IDRID_GT_DIR / C.IDRID_SPLIT_DIRS["test"])
+    else:
+        masks = source.index.root
+    info = {
+        "masks": masks,
+        "synthetic": bool(source.synthetic),
+        "dataset": dataset,
+        "mask_binarisation": source.mask_rule_text,
+        "split_rule": source.split_rule,
+    }
+    if dataset == "idrid":  # metrics.json as it has always been for IDRiD
+        info = {"masks": masks, "synthetic": info["synthetic"]}
+    return GroundTruth("official", path, images, info, dict(source.not_scored), source.read_mask, source.close)
 
 
 def _prepared(list_file: Path) -> GroundTruth:
@@ -154,9 +190,17 @@ def _prepared(list_file: Path) -> GroundTruth:
         try:
             meta = read_meta(folder)
             info.update({k: meta[k] for k in ("factor", "size", "mask_rule", "source") if k in meta})
+            if meta.get("dataset", "idrid") != "idrid":
+                info["dataset"] = meta["dataset"]
+            if meta.get("synthetic"):
+                info["synthetic"] = True
+            not_scored = dict(meta.get("not_scored") or {})
         except DataError as e:
             log.warning("%s", e)
-    return GroundTruth("prepared", list_file, images, info)
+            not_scored = {}
+    else:
+        not_scored = {}
+    return GroundTruth("prepared", list_file, images, info, not_scored)
 
 
 def read_prediction(path: Path) -> np.ndarray:
@@ -201,6 +245,7 @@ def evaluate(
     overlays: int = 3,
     interpolation: str = "linear",
     progress: bool = True,
+    dataset: str | None = None,
 ) -> dict:
     """Score ``<pred_dir>/<image>_{ma,he}.png`` against ``gt`` (:func:`score`) and write the report
     of the run to ``out_dir`` (:func:`redseg.evaluation.report.write_report`).
@@ -213,7 +258,7 @@ def evaluate(
     before anything is written.
     """
     start = time.perf_counter()
-    result, panels = score(pred_dir, gt, at_pred_size, overlays, interpolation, progress)
+    result, panels = score(pred_dir, gt, at_pred_size, overlays, interpolation, progress, dataset)
     return report.write_report(Path(out_dir), result, panels, start)
 
 
@@ -224,6 +269,7 @@ def score(
     overlays: int = 0,
     interpolation: str = "linear",
     progress: bool = True,
+    dataset: str | None = None,
 ) -> tuple[dict, list[report.OverlayInput]]:
     """The metrics of ``<pred_dir>/<image>_{ma,he}.png`` against ``gt``; nothing is written.
 
@@ -238,11 +284,21 @@ def score(
         raise EvaluationError(f"unknown interpolation {interpolation!r}; one of {sorted(INTERPOLATIONS)}")
     if not pred_dir.is_dir():
         raise EvaluationError(f"prediction folder {pred_dir} does not exist")
-    truth = find_ground_truth(gt)
+    truth = find_ground_truth(gt, dataset)
+    try:
+        return _score(pred_dir, truth, at_pred_size, overlays, interpolation, progress)
+    finally:
+        truth.close()
+
+
+def _score(
+    pred_dir: Path, truth: GroundTruth, at_pred_size: bool, overlays: int, interpolation: str, progress: bool
+) -> tuple[dict, list[report.OverlayInput]]:
+    scored = [les for les in LESIONS if les not in truth.not_scored]
     missing = [
         prediction_path(pred_dir, it.name, les)
         for it in truth.images
-        for les in LESIONS
+        for les in scored
         if not prediction_path(pred_dir, it.name, les).is_file()
     ]
     if missing:
@@ -259,16 +315,16 @@ def score(
     n_resized = 0
     overlay_data: list[report.OverlayInput] = []
     for item in tqdm(truth.images, desc="evaluate", unit="image", disable=not progress):
-        preds = {les: read_prediction(prediction_path(pred_dir, item.name, les)) for les in LESIONS}
-        masks = {les: read_mask(p) if p is not None else None for les, p in item.masks.items()}
+        preds = {les: read_prediction(prediction_path(pred_dir, item.name, les)) for les in scored}
+        masks = {les: truth.read_mask(p) if p is not None else None for les, p in item.masks.items() if les in scored}
         ref = _ref_shape(item, masks)
         if ref is None:
-            ref = preds[LESIONS[0]].shape
+            ref = preds[scored[0]].shape
             log.warning("%s: no mask and no photo, label size taken from the prediction", item.name)
         label_sizes.add((ref[1], ref[0]))
         used_pred: dict[str, np.ndarray] = {}
         used_gt: dict[str, np.ndarray] = {}
-        for les in LESIONS:
+        for les in scored:
             pred, mask = preds[les], masks[les]
             pred_sizes.add((pred.shape[1], pred.shape[0]))
             if mask is None:
@@ -290,6 +346,12 @@ def score(
             if len(overlay_data) < overlays:
                 used_pred[les], used_gt[les] = pred, mask
         if len(overlay_data) < overlays:
+            for les in truth.not_scored:  # drawn without a ground-truth outline
+                path = prediction_path(pred_dir, item.name, les)
+                pred = read_prediction(path) if path.is_file() else np.zeros(ref, np.uint8)
+                if pred.shape != tuple(ref):
+                    pred = cv2.resize(pred, (ref[1], ref[0]), interpolation=interp)
+                used_pred[les], used_gt[les] = pred, np.zeros(ref, bool)
             overlay_data.append((item.name, item.photo, *report.shrink_for_overlay(used_pred, used_gt)))
     if n_resized:
         what = (
@@ -300,8 +362,13 @@ def score(
         log.info("%d of %d maps: %s", n_resized, len(truth.images) * len(LESIONS), what)
 
     result: dict = {les: metrics.lesion_metrics(pos_total[les], neg_total[les]) for les in LESIONS}
+    for les, why in truth.not_scored.items():  # no ground truth: not scored, never 0
+        result[les]["not_scored"] = why
+        result[les]["n_neg"] = None
     notes = [
-        f"{les}: no lesion pixel in the ground truth, AUC_PR/AP/recall undefined (null)"
+        f"{les}: not scored ({truth.not_scored[les]})"
+        if les in truth.not_scored
+        else f"{les}: no lesion pixel in the ground truth, AUC_PR/AP/recall undefined (null)"
         for les in LESIONS
         if result[les]["n_pos"] == 0
     ]
@@ -324,6 +391,8 @@ def score(
         "missing_masks": missing_masks,
         "notes": notes,
     }
+    if truth.not_scored:
+        result["meta"]["not_scored"] = dict(truth.not_scored)
     for note in notes:
         log.warning(note)
 
