@@ -9,10 +9,11 @@ all. ``tools/setup.sh`` therefore tries a chain of sources (docs/install.md):
 3. Debian's source package ``caffe`` through the system's Debian archive (or ``DEBIAN_MIRROR``);
 4. the upstream repository's tarball at a pinned commit, checked against a pinned digest.
 
-Whatever the source, one patch set (:data:`PATCHES`) makes it build with today's toolchains. The
-patches are edits this project wrote, each checked after it is applied, and each recognises a
-tree that already has it, so they apply to the 1.0 release, to the last upstream commit and to
-Debian's tree alike.
+Whatever the source, one patch set (:data:`PATCHES`) makes it build with today's toolchains, and
+by default (``SHARED_COL=1``) :data:`SHARED_COL_PATCHES` make the convolution layers of a thread
+share one im2col buffer (:func:`patch_set`). The patches are edits this project wrote, each
+checked after it is applied, and each recognises a tree that already has it, so they apply to the
+1.0 release, to the last upstream commit and to Debian's tree alike.
 
 This module is used by ``tools/setup.sh`` through its command line (``python -m
 redseg.toolchain.caffe_source ...``) and needs nothing beyond the standard library and redseg.fileio.
@@ -223,6 +224,212 @@ def _boost_python_name(text: str) -> str | None:
     return new if n else ""
 
 
+# --- the shared im2col buffer (SHARED_COL) ---------------------------------------------------------
+# Upstream, every Convolution/Deconvolution layer owns an im2col buffer; a net holds their sum
+# (about 5 GB for Red-Seg at 1072x712). These two edits make the layers of one thread share one
+# buffer, as large as the largest layer's: the idea of BVLC/caffe pull request #2016, "Share
+# convolution buffers to reduce memory usage", written anew for this project (docs/install.md).
+# The comment inserted into base_conv_layer.cpp says why the arithmetic is unchanged and why it
+# is thread safe.
+_SHARED_COL_MARK = "Red-Seg shared im2col buffer"
+
+_SHARED_COL_DECLARE = """\
+// Red-Seg shared im2col buffer (added by Red-Seg's make setup; docs/install.md): the column
+// buffer that the convolution layers run by one thread share (base_conv_layer.cpp).
+class SharedColBuffer;
+
+"""
+
+_SHARED_COL_MEMBERS = """\
+  // Red-Seg shared im2col buffer: unless REDSEG_SHARED_COL=0 when the layer is set up, the columns
+  // live in the calling thread's SharedColBuffer and col_buffer_ only carries their shape (its
+  // memory is never touched, so never allocated). col_buffer_cpu()/col_buffer_gpu() give the
+  // columns either way; shared_col_buffer_ keeps the buffer of the thread that last ran the layer.
+  bool share_col_buffer_;
+  shared_ptr<SharedColBuffer> shared_col_buffer_;
+  Dtype* col_buffer_cpu();
+#ifndef CPU_ONLY
+  Dtype* col_buffer_gpu();
+#endif
+"""
+
+_SHARED_COL_INCLUDES = """\
+#include <cstdlib>
+#include <string>
+
+#include "boost/thread/tss.hpp"
+#include "boost/weak_ptr.hpp"
+
+"""
+
+_SHARED_COL_CLASS = """\
+// --- Red-Seg shared im2col buffer (added by Red-Seg's make setup; docs/install.md) -------------
+// Upstream, every convolution layer owns a buffer for one image's im2col columns, and a net
+// holds the sum of them: about 5 GB for Red-Seg's VGG16 at 1072x712, 1.76 GB of it conv1_2's.
+// The idea of BVLC/caffe pull request #2016 ("Share convolution buffers to reduce memory usage"),
+// written anew for Red-Seg: the columns are scratch space, so one buffer as large as the largest
+// layer's can serve every layer.
+//
+// Same arithmetic. Every use writes the part of the buffer it then reads: im2col before the
+// forward and weight GEMMs, a beta = 0 GEMM before col2im. The one reuse across calls,
+// DeconvolutionLayer::Backward (the columns of weight_*_gemm read again by forward_*_gemm with
+// skip_im2col), happens inside one layer's Backward with no other layer in between. The GEMMs get
+// the same operands, so the results are bit for bit upstream's.
+//
+// Thread safety. PR #2016's caveat is that two nets must not run convolutions at the same time.
+// Here the buffer belongs to a thread, not to the process: each thread that runs a convolution
+// gets its own (a boost::thread_specific_ptr, as Caffe keeps its per-thread Caffe singleton), and
+// a layer asks for the calling thread's buffer on every call. One thread runs one layer at a time
+// (Red-Seg's training net and the test net that shares its weights run one after the other, as
+// Caffe's Solver runs them); solvers in other threads (multi-GPU P2PSync/NCCL training, one thread
+// per GPU) use other buffers. On a GPU the kernels of one thread go to its default stream in
+// order, so a GEMM that reads the columns is done before the next im2col overwrites them; freeing
+// the buffer to grow it (cudaFree) waits for the device; a thread that changes device gets a new
+// buffer there.
+//
+// Memory. The buffer grows to the largest layer's columns on first use (the smaller one is freed
+// first) and is freed with the last layer that used it. A 1x1 convolution reads its input as its
+// columns and takes no buffer (upstream allocates its own in backward_*_gemm without using it).
+// REDSEG_SHARED_COL=0 in the environment when a layer is set up gives that layer its own buffer,
+// exactly as upstream; `make setup SHARED_COL=0` builds Caffe without this patch.
+class SharedColBuffer {
+ public:
+  SharedColBuffer() : bytes_(0), gpu_device_(-1) {}
+
+  // The buffer of the calling thread; *holder (a layer's) keeps it alive.
+  static SharedColBuffer* ForThisThread(shared_ptr<SharedColBuffer>* holder) {
+    if (!thread_buffer_.get()) {
+      thread_buffer_.reset(new boost::weak_ptr<SharedColBuffer>());
+    }
+    shared_ptr<SharedColBuffer> buffer = thread_buffer_->lock();
+    if (!buffer) {
+      buffer.reset(new SharedColBuffer());
+      *thread_buffer_ = buffer;
+    }
+    if (*holder != buffer) {
+      *holder = buffer;
+    }
+    return buffer.get();
+  }
+
+  // At least `bytes` bytes; for the GPU, on the current device.
+  SyncedMemory* memory(size_t bytes, bool gpu) {
+    int device = -1;
+#ifndef CPU_ONLY
+    if (gpu) {
+      CUDA_CHECK(cudaGetDevice(&device));
+    }
+#endif
+    if (memory_ && (bytes > bytes_ ||
+        (gpu && gpu_device_ >= 0 && device != gpu_device_))) {
+      memory_.reset();
+    }
+    if (!memory_) {
+      memory_.reset(new SyncedMemory(bytes));
+      bytes_ = bytes;
+      gpu_device_ = -1;
+    }
+    if (gpu) {
+      gpu_device_ = device;
+    }
+    return memory_.get();
+  }
+
+ private:
+  static boost::thread_specific_ptr<boost::weak_ptr<SharedColBuffer> >
+      thread_buffer_;
+  shared_ptr<SyncedMemory> memory_;
+  size_t bytes_;
+  int gpu_device_;
+};
+
+boost::thread_specific_ptr<boost::weak_ptr<SharedColBuffer> >
+    SharedColBuffer::thread_buffer_;
+
+template <typename Dtype>
+Dtype* BaseConvolutionLayer<Dtype>::col_buffer_cpu() {
+  if (!share_col_buffer_) {
+    return col_buffer_.mutable_cpu_data();
+  }
+  if (is_1x1_) {
+    return NULL;  // not read: a 1x1 convolution's columns are its input
+  }
+  SyncedMemory* columns = SharedColBuffer::ForThisThread(&shared_col_buffer_)
+      ->memory(col_buffer_.count() * sizeof(Dtype), false);
+  return static_cast<Dtype*>(columns->mutable_cpu_data());
+}
+
+#ifndef CPU_ONLY
+template <typename Dtype>
+Dtype* BaseConvolutionLayer<Dtype>::col_buffer_gpu() {
+  if (!share_col_buffer_) {
+    return col_buffer_.mutable_gpu_data();
+  }
+  if (is_1x1_) {
+    return NULL;  // not read: a 1x1 convolution's columns are its input
+  }
+  SyncedMemory* columns = SharedColBuffer::ForThisThread(&shared_col_buffer_)
+      ->memory(col_buffer_.count() * sizeof(Dtype), true);
+  return static_cast<Dtype*>(columns->mutable_gpu_data());
+}
+#endif  // !CPU_ONLY
+
+"""
+
+_SHARED_COL_SETUP = """\
+  // Red-Seg shared im2col buffer: REDSEG_SHARED_COL=0 gives this layer its own, as upstream.
+  const char* shared_col = std::getenv("REDSEG_SHARED_COL");
+  share_col_buffer_ = !(shared_col && std::string(shared_col) == "0");
+"""
+
+
+def _shared_col_header(text: str) -> str | None:
+    if _SHARED_COL_MARK in text:
+        return None if "bool share_col_buffer_;" in text else ""
+    for old, new in (
+        ("namespace caffe {\n\n", "namespace caffe {\n\n" + _SHARED_COL_DECLARE),
+        (": Layer<Dtype>(param) {}", ": Layer<Dtype>(param), share_col_buffer_(true) {}"),
+        ("  Blob<Dtype> col_buffer_;\n", "  Blob<Dtype> col_buffer_;\n" + _SHARED_COL_MEMBERS),
+    ):
+        if text.count(old) != 1:
+            return ""
+        text = text.replace(old, new)
+    return text
+
+
+# Where upstream's base_conv_layer.cpp reaches into col_buffer_'s memory, and how often: all of
+# them go through the layer's accessor. CPU: forward_cpu_gemm 2, backward_cpu_gemm 1,
+# weight_cpu_gemm 2; the GPU functions alike.
+_COL_USES = (
+    ("col_buffer_.mutable_cpu_data()", 3, "col_buffer_cpu()"),
+    ("col_buffer_.cpu_data()", 2, "col_buffer_cpu()"),
+    ("col_buffer_.mutable_gpu_data()", 3, "col_buffer_gpu()"),
+    ("col_buffer_.gpu_data()", 2, "col_buffer_gpu()"),
+)
+
+
+def _shared_col_source(text: str) -> str | None:
+    if _SHARED_COL_MARK in text:  # patched: only the accessors themselves still reach the memory
+        left = [text.count(use) for use, _, _ in _COL_USES]
+        return None if left == [1, 0, 1, 0] and "share_col_buffer_ = " in text else ""
+    for use, n, accessor in _COL_USES:
+        if text.count(use) != n:
+            return ""
+        text = text.replace(use, accessor)
+    setup = re.compile(r"void BaseConvolutionLayer<Dtype>::LayerSetUp\([^)]*\)\s*\{\n")
+    for pattern, insert, before in (
+        (re.compile(r'(?=#include "caffe/filler\.hpp"\n)'), _SHARED_COL_INCLUDES, True),
+        (re.compile(r"namespace caffe \{\n\n"), _SHARED_COL_CLASS, False),
+        (setup, _SHARED_COL_SETUP, False),
+    ):
+        m = list(pattern.finditer(text))
+        if len(m) != 1:
+            return ""
+        at = m[0].start() if before else m[0].end()
+        text = text[:at] + insert + text[at:]
+    return text
+
+
 PATCHES = (
     Patch(
         "protobuf-3.21",
@@ -245,24 +452,67 @@ PATCHES = (
 )
 
 
-def patchset_id() -> str:
+# What SHARED_COL=1 (the default) adds to the build fixes above: one shared im2col buffer.
+SHARED_COL_PATCHES = (
+    Patch(
+        "shared-col-buffer-decl",
+        "include/caffe/layers/base_conv_layer.hpp",
+        "the shared im2col buffer: the layer's switch, the reference to its thread's buffer, the accessors",
+        _shared_col_header,
+    ),
+    Patch(
+        "shared-col-buffer",
+        "src/caffe/layers/base_conv_layer.cpp",
+        "the shared im2col buffer: one per thread for all convolution layers (BVLC/caffe PR #2016's idea)",
+        _shared_col_source,
+    ),
+)
+
+
+def shared_col_default() -> bool:
+    """``SHARED_COL`` from the environment (``make setup SHARED_COL=0``): 1 (the default) or 0."""
+    value = os.environ.get("SHARED_COL", "1").strip() or "1"
+    if value not in ("0", "1"):
+        raise SourceError(f"SHARED_COL={value}: give 1 (share one im2col buffer, the default) or 0 (upstream's)")
+    return value == "1"
+
+
+def patch_set(shared_col: bool = True) -> tuple[Patch, ...]:
+    """The patches a build gets: the build fixes, and with ``shared_col`` the shared im2col buffer."""
+    return PATCHES + (SHARED_COL_PATCHES if shared_col else ())
+
+
+def patchset_id(shared_col: bool = True) -> str:
     """A short hash of what the patches do, part of the build cache key (new patches, new build).
 
     It covers each patch's name, file and code and the text it inserts, not the explanations, so
-    rewording a comment does not force a rebuild.
+    rewording a comment does not force a rebuild. Without the shared im2col buffer it is the id of
+    the build fixes alone (the id builds had before that patch existed), so ``SHARED_COL=0`` and
+    the default are two builds side by side in the cache.
     """
     h = hashlib.sha256()
     for p in PATCHES:
         h.update(f"{p.name}\0{p.file}\0{inspect.getsource(p.apply)}".encode())
     h.update(f"{_CUDA13_FIELDS}{_BOOST_PYTHON}".encode())
+    if shared_col:
+        for p in SHARED_COL_PATCHES:
+            h.update(f"{p.name}\0{p.file}\0{inspect.getsource(p.apply)}".encode())
+        inserted = (
+            _SHARED_COL_DECLARE,
+            _SHARED_COL_MEMBERS,
+            _SHARED_COL_INCLUDES,
+            _SHARED_COL_CLASS,
+            _SHARED_COL_SETUP,
+        )
+        h.update(f"{_SHARED_COL_MARK}{_COL_USES}{''.join(inserted)}".encode())
     return h.hexdigest()[:8]
 
 
-def apply_patches(root: Path) -> list[str]:
-    """Apply :data:`PATCHES` to the tree at ``root``; return the names applied (not already there)."""
+def apply_patches(root: Path, shared_col: bool = True) -> list[str]:
+    """Apply :func:`patch_set` to the tree at ``root``; return the names applied (not already there)."""
     root = Path(root)
     done = []
-    for p in PATCHES:
+    for p in patch_set(shared_col):
         f = root / p.file
         if not f.is_file():
             raise SourceError(f"patch {p.name}: {f} not found; is {root} a BVLC Caffe tree?")
@@ -283,6 +533,18 @@ def apply_patches(root: Path) -> list[str]:
 
 
 # --- command line (for tools/setup.sh) ------------------------------------------------------------
+def _shared_col_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shared-col",
+        choices=("0", "1"),
+        help="1: with the shared im2col buffer, 0: without (default: $SHARED_COL, else 1)",
+    )
+
+
+def _shared_col(args: argparse.Namespace) -> bool:
+    return shared_col_default() if args.shared_col is None else args.shared_col == "1"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m redseg.toolchain.caffe_source", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -297,9 +559,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--digest", default=os.environ.get("REDSEG_CAFFE_DIGEST", UPSTREAM_DIGEST))
     s = sub.add_parser("patch", help="apply the project's patch set to the tree at ROOT")
     s.add_argument("root", type=Path)
+    _shared_col_option(s)
     s = sub.add_parser("digest", help="print the content digest of a tree")
     s.add_argument("root", type=Path)
-    sub.add_parser("patchset", help="print the patch set's id")
+    _shared_col_option(sub.add_parser("patchset", help="print the patch set's id"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="setup: %(message)s")
     try:
@@ -327,12 +590,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "download":
             download(args.url, args.dest, args.digest)
         elif args.cmd == "patch":
-            applied = apply_patches(args.root)
+            applied = apply_patches(args.root, _shared_col(args))
             print(f"patches applied: {', '.join(applied) or 'none needed'}", file=sys.stderr)
         elif args.cmd == "digest":
             print(tree_digest(args.root))
         elif args.cmd == "patchset":
-            print(patchset_id())
+            print(patchset_id(_shared_col(args)))
     except SourceError as e:
         print(f"setup: ERROR: {e}", file=sys.stderr)
         return 1

@@ -75,6 +75,26 @@ def caffe_has_cuda() -> bool:
     return False
 
 
+# The runtime switch of the shared im2col buffer (make setup's default patch, docs/install.md): "0"
+# in the environment when a convolution layer is set up gives that layer its own buffer, as
+# upstream Caffe does.
+SHARED_COL_ENV = "REDSEG_SHARED_COL"
+
+
+def caffe_shared_col() -> bool:
+    """Whether the imported Caffe has the project's shared im2col buffer (its library reads
+    ``REDSEG_SHARED_COL``); False for a build made with ``make setup SHARED_COL=0`` or another Caffe."""
+    caffe = import_caffe()
+    lib_dir = Path(caffe.__file__).resolve().parents[2] / "build" / "lib"
+    for f in [Path(caffe.__file__).parent / "_caffe.so", *sorted(lib_dir.glob("libcaffe.so*"))]:
+        try:
+            if SHARED_COL_ENV.encode() in f.read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def _visible_gpus() -> int | None:
     import shutil
     import subprocess
