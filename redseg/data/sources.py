@@ -24,6 +24,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import cv2
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SYNTHETIC_MARKER = "synthetic.json"  # redseg.data.synthetic's marker at a generated tree's root
 SYNTHETIC_GENERATOR = "redseg.synthetic"
+MARKER_LEVELS = 2  # folders above the anchor where a generated copy's root can be (DiaretDB1: resources/images)
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,13 @@ class LayoutSource(Archive):
             if parts in markers:
                 index.synthetic = self._read_marker(SourceFile(SYNTHETIC_MARKER, member, 0, 0))
                 break
+        else:  # --src at the anchor (or between it and the root): the marker is above what was listed
+            if not self.is_zip:
+                for folder in list(Path(index.root).parents)[:MARKER_LEVELS]:
+                    if (folder / SYNTHETIC_MARKER).is_file():
+                        marker = SourceFile(SYNTHETIC_MARKER, str(folder / SYNTHETIC_MARKER), 0, 0)
+                        index.synthetic = self._read_marker(marker)
+                        break
         for _, rest, f in found:
             e = self.classify(tuple(rest))
             if e is None:
