@@ -18,7 +18,7 @@ TRAIN    := $(PY) tools/train.py --data $(DATA) --run $(RUN) --schedule $(SCHEDU
 
 DEMO     := runs/demo
 
-.PHONY: help setup cuda-check test lint prototxt data stage1 stage2 evaluate demo reproduce onnx package vgg16 benchmark benchmark-onnx segment-slurm clean
+.PHONY: help setup cuda-check test lint prototxt data crossdata stage1 stage2 evaluate demo reproduce onnx package vgg16 benchmark benchmark-onnx segment-slurm clean
 
 help:
 	@echo "make setup      venv + BVLC Caffe with pycaffe (cached build; CAFFE_ROOT=... to use your own)"
@@ -31,6 +31,8 @@ help:
 	@echo "make reproduce LAUNCHER=slurm [SBATCH='--partition=gpu --gres=gpu:1 --time=8:00:00'] [SIGNAL_SECONDS=300]  as SLURM jobs (docs/cluster.md)"
 	@echo "make segment-slurm PHOTOS='dir/ ...' [PARTS=4] [WEIGHTS=...|BACKEND=onnx ONNX=...] [SEGMENT_OUT=runs/segment] [SBATCH=...]  screening as a SLURM array + merge"
 	@echo "make data IDRID=/path/to/IDRiD   prepare the official IDRiD segmentation set into $(DATA)"
+	@echo "make data DATASET=ddr|fgadr|eophtha-ma|diaretdb1|idrid SRC=/path  prepare any set into data/DATASET (docs/datasets.md)"
+	@echo "make crossdata [SCHEDULE=demo|smoke] [POOLED=1] [GPUS='0 1'] [LAUNCHER=slurm]  train on each set, score on every set -> crossdata.md"
 	@echo "make vgg16      fetch/validate ImageNet VGG16 weights into $(VGG16)"
 	@echo "make stage1 stage2 [SCHEDULE=paper|demo|smoke] [GPU=0] [DATA=...] [RUN=...] [ITERS=N] [LR=x]"
 	@echo "make evaluate [IDRID=/path]  maps + metrics of $(WEIGHTS) -> $(RUN)/test (full-size labels with IDRID)"
@@ -59,9 +61,14 @@ lint: setup
 prototxt: setup
 	$(PY) tools/make_prototxt.py --out prototxt
 
+# make data IDRID=... (the paper's IDRiD preparation into $(DATA)), or any set: make data DATASET=ddr SRC=...
+# into data/ddr (tools/prepare_data.py; ALLOW_PARTIAL=1 to go on with a partial download).
+DATASET  ?=
+SRC      ?=
+ALLOW_PARTIAL ?=
 data: setup
-	@test -n "$(IDRID)" || { echo "usage: make data IDRID=/path/to/IDRiD (the folder holding 'A. Segmentation', or its zip)"; exit 2; }
-	$(PY) tools/prepare_idrid.py --src "$(IDRID)" --out $(DATA)
+	@test -n "$(IDRID)$(SRC)" || { echo "usage: make data IDRID=/path/to/IDRiD, or make data DATASET=ddr|fgadr|eophtha-ma|diaretdb1|idrid SRC=/path (docs/datasets.md)"; exit 2; }
+	$(if $(SRC),$(PY) tools/prepare_data.py --src "$(SRC)" $(if $(DATASET),--dataset $(DATASET),) $(if $(ALLOW_PARTIAL),--allow-partial,),$(PY) tools/prepare_idrid.py --src "$(IDRID)" --out $(DATA))
 
 vgg16: setup
 	$(PY) tools/fetch_vgg16.py --out $(VGG16)
@@ -105,6 +112,14 @@ SIGNAL_SECONDS ?=
 REPRO_SLURM := $(if $(LAUNCHER),--launcher $(LAUNCHER),) $(if $(SBATCH),--sbatch="$(SBATCH)",) $(if $(GATHER_SBATCH),--gather-sbatch="$(GATHER_SBATCH)",) $(if $(SIGNAL_SECONDS),--signal-seconds $(SIGNAL_SECONDS),)
 reproduce: setup
 	$(PY) tools/reproduce.py --run $(REPRO) $(REPRO_SCHEDULE) $(if $(IDRID),--idrid "$(IDRID)" $(if $(FROM_SCRATCH),--from-scratch,--weights $(VGG16)),) $(if $(strip $(GPUS)),--gpus $(GPUS),) $(REPRO_SLURM)
+
+# Train on each prepared set under data/ (IDRiD, DDR, FGADR; POOLED=1: also all together), score every
+# model on every set's test split -> $(XDATA)/crossdata.md (docs/datasets.md). Without prepared sets:
+# synthetic copies of the five layouts with the demo schedule. Same runner as reproduce (GPUS, LAUNCHER).
+XDATA    := $(if $(filter command line environment,$(origin RUN)),$(RUN),runs/crossdata)
+POOLED   ?=
+crossdata: setup
+	$(PY) tools/crossdata.py --run $(XDATA) $(REPRO_SCHEDULE) $(if $(POOLED),--pooled,) $(if $(FROM_SCRATCH),--from-scratch,) $(if $(strip $(GPUS)),--gpus $(GPUS),) $(REPRO_SLURM)
 
 # Screening many photographs on a SLURM cluster (docs/cluster.md): tools/segment.py as a job array of
 # PARTS tasks over PHOTOS, then one summary (tools/segment.py --merge) in SEGMENT_OUT. The model:

@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = cli.parser(__doc__.split("\n\n")[0], progress=True)
     cli.add_dataset(ap)
     ap.add_argument("--src", required=True, type=Path, help="the data set as downloaded: its folder or a .zip")
-    ap.add_argument("--out", required=True, type=Path, help="prepared set to write, e.g. data/ddr")
+    ap.add_argument(
+        "--out", type=Path, help="prepared set to write (default data/<dataset>, where make crossdata looks)"
+    )
     ap.add_argument(
         "--fov-diameter",
         type=float,
@@ -62,6 +64,7 @@ def run(args) -> int:
         lesions = tuple(x.strip().upper() for x in args.lesions.split(",") if x.strip())
         lesions = tuple(x for x in lesions if x in source.lesions or x in ("MA", "HE"))
         options = PrepareOptions(args.factor, args.mask_rule, lesions, fov)
+        args.out = args.out or Path("data") / source.dataset
         meta = prepare_source(source, args.out, options, force=args.force, progress=cli.show_progress(args))
     if not meta.get("skipped"):
         c = meta["counts"]

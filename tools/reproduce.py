@@ -183,6 +183,8 @@ def run(args) -> int:
     s = Settings(args.run, gt, data, schedule, weights, synthetic, progress=cli.show_progress(args))
     check_settings(s)  # before anything is written
     if args.slurm_task:
+        from redseg.experiments.reproduce import run_task
+
         return run_task(s, experiments[0], args.gpus)
     if args.slurm_gather:
         return gather(s, args)
@@ -250,25 +252,6 @@ def submit(s, args, experiments) -> int:
     )
     print(slurm.follow(s.run, record))
     return 0
-
-
-def run_task(s, exp, gpus: list[int]) -> int:
-    """One experiment inside a SLURM task: the local runner's own path for it (the same folder,
-    records and stamp), without preparing data (the submission did) or assembling (the gathering
-    job does). Exits 75 when SIGUSR1/SIGTERM stopped it with a snapshot (the batch script requeues)."""
-    from redseg.experiments.reproduce import finished, run_all
-    from redseg.fileio import is_complete
-
-    data = s.data[exp.mask_rule]
-    if not is_complete(data):
-        raise FileNotFoundError(f"prepared set {data} is not there: the submission prepares it (submit again)")
-    s.progress = False
-    snaps = s.folder(exp).glob(f"stage{exp.stage}_iter_*.solverstate")
-    states = [int(i) for p in snaps if (i := p.stem.rsplit("_", 1)[1]).isdigit()]
-    if states and not finished(s.folder(exp), exp):
-        logging.info("%s: resumes from its latest snapshot, iteration %d", exp.name, max(states))
-    outcomes = run_all(s, [exp], gpus)
-    return 0 if all(o.status in ("done", "skipped") for o in outcomes) else 1
 
 
 def gather(s, args) -> int:

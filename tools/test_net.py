@@ -48,10 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gt", type=Path, help="ground truth for scoring (default: the prepared set's test masks)")
     cli.add_dataset(ap)
     ap.add_argument("--deploy", type=Path, help="deploy prototxt (default prototxt/deploy.prototxt)")
-    ap.add_argument("--full-size", action="store_true", help="save maps upsampled by the set's factor")
+    ap.add_argument(
+        "--full-size", action="store_true", help="save maps at the photographs' own size (the set's factor or scale)"
+    )
     ap.add_argument("--gpu", type=int, help="GPU id (default: CPU)")
     ap.add_argument("--overlays", type=int, default=3, help="overlay pictures to draw (default 3)")
     ap.add_argument("--no-eval", action="store_true", help="only write the maps")
+    ap.add_argument(
+        "--no-sidecar",
+        action="store_true",
+        help="do not write <weights>.json (scoring on another data set than the model's own)",
+    )
     ap.add_argument(
         "--sides",
         type=int,
@@ -98,7 +105,8 @@ def run(args, out: Path) -> int:
     pred.mkdir(parents=True, exist_ok=True)
     if args.sides:
         (out / "sides").mkdir(exist_ok=True)
-    factor = int(meta.get("factor", 1))
+    factor = int(meta.get("factor") or 1)
+    full_sizes = full_size_of(args.data) if args.full_size and meta.get("factor") is None else {}
     for i, s in enumerate(tqdm(samples, desc="test", unit="img", disable=not cli.show_progress(args))):
         img = read_image(s.image)
         probs = seg(img)
@@ -107,7 +115,9 @@ def run(args, out: Path) -> int:
                 write_image(out / "sides" / f"{s.name}_{key}.png", to_u8(prob))
         for lesion, prob in probs.items():
             u8 = to_u8(prob)
-            if args.full_size and factor > 1:
+            if s.name in full_sizes:  # a set rescaled to one FOV diameter: each photograph's own size
+                u8 = cv2.resize(u8, tuple(full_sizes[s.name]), interpolation=cv2.INTER_LINEAR)
+            elif args.full_size and factor > 1:
                 h, w = u8.shape
                 u8 = cv2.resize(u8, (w * factor, h * factor), interpolation=cv2.INTER_LINEAR)
             write_image(pred / f"{s.name}_{lesion.lower()}.png", u8)
@@ -122,9 +132,17 @@ def run(args, out: Path) -> int:
     print(f"report: {out / 'eval' / 'report.md'}")
     if pkg is not None:
         print_package_thresholds(pkg, result)
-    else:
+    elif not args.no_sidecar:
         write_sidecar(args, result, out / "eval" / "metrics.json")
     return 0
+
+
+def full_size_of(data: Path) -> dict[str, list[int]]:
+    """Each test photograph's size before preparation (summary.json of a set prepared by FOV diameter)."""
+    from redseg.fileio import read_json_object
+
+    summary = read_json_object(Path(data) / "summary.json") or {}
+    return {name: rec["size_full"] for name, rec in (summary.get("images") or {}).items() if "size_full" in rec}
 
 
 def print_package_thresholds(pkg, result: dict) -> None:

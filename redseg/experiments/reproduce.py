@@ -64,6 +64,8 @@ class Experiment:
     after: str | None = None  # the experiment whose stage-1 weights it starts from
     sides: int = 0  # test images whose side outputs to write (Fig. 7)
     test_loss: bool = False  # the loss on the test list during training (Fig. 6: the main model's stages only)
+    data: str | None = None  # the prepared set it trains on, a key of Settings.data (default: mask_rule)
+    tests: tuple[str, ...] = ()  # further test sets (keys of Settings.tests) its model is scored on
 
     @property
     def final(self) -> str:
@@ -109,6 +111,23 @@ EXPERIMENTS: tuple[Experiment, ...] = (
 BY_NAME = {e.name: e for e in EXPERIMENTS}
 
 
+@dataclass(frozen=True)
+class TestSet:
+    """A test set a model is scored on: its prepared set and the labels at their own size."""
+
+    data: Path  # the prepared set (its test.txt is what the model segments)
+    gt: Path | None  # the set as published (scored at its label size), None: the prepared set's masks
+    dataset: str  # its layout (redseg.data.datasets)
+
+    def gt_args(self) -> list[str]:
+        return ["--gt", str(self.gt), "--dataset", self.dataset] if self.gt is not None else []
+
+
+def test_folder(exp: Experiment, key: str) -> str:
+    """Where an experiment's model is scored on test set ``key``: ``test`` on its own, else ``test_<key>``."""
+    return "test" if key == exp.data else f"test_{key}"
+
+
 @dataclass
 class Settings:
     """What every experiment of one reproduction shares."""
@@ -121,6 +140,7 @@ class Settings:
     synthetic: bool
     python: str = sys.executable
     progress: bool = True
+    tests: dict[str, TestSet] = field(default_factory=dict)  # by key, for Experiment.data / .tests
 
     def folder(self, exp: Experiment) -> Path:
         return self.run / exp.name
@@ -141,9 +161,12 @@ class Outcome:
 
 
 def finished(folder: Path, exp: Experiment) -> bool:
-    """Final weights and metrics present, and the completion stamp written after them."""
+    """Final weights and metrics present (every test set's), and the completion stamp written after them."""
+    tests = ["test"] + [test_folder(exp, k) for k in exp.tests]
     return (
-        is_complete(folder) and (folder / exp.final).is_file() and (folder / "test" / "eval" / "metrics.json").is_file()
+        is_complete(folder)
+        and (folder / exp.final).is_file()
+        and all((folder / t / "eval" / "metrics.json").is_file() for t in tests)
     )
 
 
@@ -155,7 +178,8 @@ def iterations(exp: Experiment, schedule: C.TrainingSchedule) -> int:
 def commands(exp: Experiment, s: Settings, gpu: int | None) -> list[tuple[str, list[str]]]:
     """The tool invocations of one experiment, as a user would type them: (step, argv)."""
     out = s.folder(exp)
-    data = s.data[exp.mask_rule]
+    data = s.data[exp.data or exp.mask_rule]
+    own = s.tests.get(exp.data) if exp.data else None
     gpu_args = ["--gpu", str(gpu)] if gpu is not None else []
     train = [s.python, str(REPO / "tools" / "train.py"), "-q", "--stage", str(exp.stage)]
     train += ["--data", str(data), "--run", str(out), "--schedule", s.schedule.name, *gpu_args]
@@ -170,12 +194,22 @@ def commands(exp: Experiment, s: Settings, gpu: int | None) -> list[tuple[str, l
     if not exp.test_loss:
         train += ["--no-test-loss"]
     test = [s.python, str(REPO / "tools" / "test_net.py"), "-q", "--weights", str(out / exp.final)]
-    test += ["--data", str(data), "--gt", str(s.gt), "--out", str(out / "test"), "--overlays", "0", *gpu_args]
+    gt_args = own.gt_args() if own is not None else ["--gt", str(s.gt)]
+    test += ["--data", str(data), *gt_args, "--out", str(out / "test"), "--overlays", "0", *gpu_args]
     if exp.deploy:
         test += ["--deploy", str(REPO / exp.deploy)]
     if exp.sides:
         test += ["--sides", str(exp.sides)]
-    return [("train", train), ("test", test)]
+    steps = [("train", train), ("test", test)]
+    for key in exp.tests:  # the same model on other test sets (make crossdata)
+        if key == exp.data:
+            continue
+        ts = s.tests[key]
+        argv = [s.python, str(REPO / "tools" / "test_net.py"), "-q", "--weights", str(out / exp.final)]
+        argv += ["--data", str(ts.data), *ts.gt_args(), "--out", str(out / test_folder(exp, key))]
+        argv += ["--overlays", "0", "--no-sidecar"]  # the model's thresholds stay its own test set's
+        steps.append((test_folder(exp, key), argv + gpu_args))
+    return steps
 
 
 def _last_iteration(log_csv: Path) -> int:
@@ -420,11 +454,12 @@ def run_all(s: Settings, experiments: Sequence[Experiment] = EXPERIMENTS, gpus: 
     finally:
         for b in bars.values():
             b.close()
+    by_name = {e.name: e for e in experiments}
     for o in outcomes:
         if o.status == "not run":  # its record says so (an older record would claim otherwise)
-            s.folder(BY_NAME[o.name]).mkdir(parents=True, exist_ok=True)
+            s.folder(by_name[o.name]).mkdir(parents=True, exist_ok=True)
             rec = {"name": o.name, "status": o.status, "error": o.error, "gpu": None, "seconds": 0.0, "steps": []}
-            write_json(s.folder(BY_NAME[o.name]) / "experiment.json", rec)
+            write_json(s.folder(by_name[o.name]) / "experiment.json", rec)
         msg = f"{o.name}: {o.status}" + (f" ({o.error})" if o.error else "") + f", {o.seconds:.0f} s"
         (log.warning if o.status in ("failed", "not run", "interrupted") else log.info)(msg)
     stopped = [o.name for o in outcomes if o.status == "interrupted"]
@@ -483,3 +518,19 @@ def load_outcomes(s: Settings, experiments: Sequence[Experiment] = EXPERIMENTS) 
             rec = {**rec, "status": "failed", "error": "outputs incomplete (no completion stamp)"}
         out[exp.name] = rec
     return out
+
+
+def run_task(s: Settings, exp: Experiment, gpus: Sequence[int]) -> int:
+    """One experiment inside a SLURM task (``--slurm-task``): the local runner's own path for it (the same folder,
+    records and stamp), without preparing data (the submission did) or assembling (the gathering
+    job does). Exits 75 when SIGUSR1/SIGTERM stopped it with a snapshot (the batch script requeues)."""
+    data = s.data[exp.data or exp.mask_rule]
+    if not is_complete(data):
+        raise FileNotFoundError(f"prepared set {data} is not there: the submission prepares it (submit again)")
+    s.progress = False
+    snaps = s.folder(exp).glob(f"stage{exp.stage}_iter_*.solverstate")
+    states = [int(i) for p in snaps if (i := p.stem.rsplit("_", 1)[1]).isdigit()]
+    if states and not finished(s.folder(exp), exp):
+        log.info("%s: resumes from its latest snapshot, iteration %d", exp.name, max(states))
+    outcomes = run_all(s, [exp], gpus)
+    return 0 if all(o.status in ("done", "skipped") for o in outcomes) else 1
