@@ -41,6 +41,7 @@ folder that is not a prepared set is never deleted.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -127,9 +128,16 @@ class IdridSource(Archive):
 
     def _synthetic_counts(self) -> dict[str, int] | None:
         """The counts a synthetic copy (tools/make_synthetic.py) says it has, from its synthetic.json."""
-        root = Path(self.index.root)
-        marker = None if self.is_zip else root.parent / "synthetic.json"
-        info = read_json_object(marker) if marker is not None else None
+        if self.is_zip:  # the member beside 'A. Segmentation' inside the zip
+            seg = self.index.root[len(str(self.src)) + 1 :]
+            name = "/".join([*seg.split("/")[:-1], "synthetic.json"])
+            member = next((m for parts, m, *_ in self.listing() if "/".join(parts) == name), None)
+            try:
+                info = json.loads(self.read(SourceFile(name, member, 0, 0))) if member else None
+            except (ValueError, IdridError):
+                info = None
+        else:
+            info = read_json_object(Path(self.index.root).parent / "synthetic.json")
         if not info or info.get("generator") != "redseg.synthetic":
             return None
         st = info.get("settings", {})

@@ -31,6 +31,7 @@ folder that is not a prepared set is never deleted.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -315,7 +316,12 @@ def prepare_source(
     from tqdm import tqdm
 
     error = source.Error
-    options.validate(getattr(source, "lesions", ALL_IDRID_LESIONS), error)
+    available = tuple(getattr(source, "lesions", ALL_IDRID_LESIONS))
+    absent = [x for x in options.lesions if x in ALL_IDRID_LESIONS and x not in available and x not in LESIONS]
+    if absent:  # e.g. EX, SE of the default list on e-ophtha MA: the set has no such masks to write
+        log.info("%s has no %s masks: not written", source.title, ", ".join(absent))
+        options = dataclasses.replace(options, lesions=tuple(x for x in options.lesions if x not in absent))
+    options.validate(available, error)
     out = Path(out).expanduser().absolute()
     fp = fingerprint(source, options)
     if out.parent.is_dir():
