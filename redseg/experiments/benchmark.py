@@ -16,6 +16,11 @@ net) and on images it makes itself (no IDRiD needed):
 * the data layer per iteration in steady state (every sample cached);
 * one deploy forward pass, scoring a 27-image test set (IDRiD's test size) with
   ``redseg.evaluation.scoring.evaluate``, and the peak resident memory;
+* first (:func:`run_memory_benchmark`), each net in a fresh process of its own, with Caffe's
+  shared im2col buffer (make setup's patch, docs/install.md) and with one buffer per layer
+  (``REDSEG_SHARED_COL=0``, upstream's layout): peak resident memory and seconds per iteration; the
+  deploy net at several sizes (the largest photograph within 16 GB); and, from the blob shapes,
+  the GPU memory an iteration needs both ways;
 * separately (:func:`run_onnx_benchmark`, ``tools/benchmark.py --onnx``): one photograph through
   the deploy net in pycaffe and through its ONNX export (redseg/deploy/onnx_export.py) in ONNX Runtime,
   side by side on the same input, with the largest difference of the probabilities.
@@ -26,6 +31,7 @@ Every timing is repeated; results carry the median and the interquartile range.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import platform
@@ -45,7 +51,7 @@ from redseg.data.prepared_set import list_path, read_list, read_mask, write_list
 from redseg.fileio import mark_complete, write_image, write_json
 from redseg.model import reference_losses
 from redseg.toolchain import blas
-from redseg.toolchain.caffe_utils import import_caffe, set_mode
+from redseg.toolchain.caffe_utils import REPO, SHARED_COL_ENV, caffe_shared_col, import_caffe, set_mode
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,10 @@ class BenchConfig:
     seed: int = 0
     stages: tuple[int, ...] = (1, 2)
     workdir: Path | None = None  # default: a temporary folder, removed afterwards
+    memory: bool = True  # each net's peak memory in a process of its own, shared and own im2col buffers
+    memory_only: bool = False  # only that (no in-process timings, loss layers, scoring)
+    deploy_scales: tuple[float, ...] = (0.5, 1.0)  # deploy net sizes (x size) for the largest photograph
+    memory_rounds: int = 1  # each net, each way, this many fresh processes (taking turns)
     extra: dict = field(default_factory=dict)
 
 
@@ -136,7 +146,7 @@ def machine_info(gpu: int | None) -> dict:
         info["memory_gb"] = round(int(mem[1]) / 2**20, 1)
     except (OSError, IndexError, ValueError):
         pass
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE"):
         if os.environ.get(var):
             info[var] = os.environ[var]
     if gpu is not None and shutil.which("nvidia-smi"):
@@ -518,6 +528,310 @@ def gpu_estimate(result: dict) -> dict:
     return out
 
 
+# --- memory: each net in a process of its own, with the shared im2col buffer and without --------
+
+MEMORY_BUDGET_GB = 16  # the largest photograph at full resolution within 16 GiB of resident memory
+# GPUs by memory, for the estimate of what a stage-1 iteration needs on a GPU (GiB as sold: 8 GB = 8 GiB).
+GPU_CARDS = (
+    (8, "GTX 1080, RTX 2080, RTX 3070"),
+    (11, "GTX 1080 Ti, RTX 2080 Ti (the paper's card)"),
+    (12, "RTX 3060 12 GB, TITAN X/Xp"),
+    (16, "V100 16 GB, T4, RTX A4000, RTX 4060 Ti 16 GB"),
+    (24, "RTX 3090, RTX 4090, A10, RTX A5000"),
+)
+GPU_CONTEXT_GIB = 0.5  # CUDA context, cuBLAS handle and kernels: a few hundred MB, not part of the net
+
+
+def conv_buffers(net, param, train: bool) -> dict[str, int]:
+    """Floats of each convolution layer's im2col buffer as upstream Caffe sizes it.
+
+    ``BaseConvolutionLayer::Reshape``: kernel_dim x group rows (input channels x kernel area) by the
+    output's spatial size; a Deconvolution's by its input's, with its output channels. A 1x1
+    convolution (stride 1, no padding) reads its input as its columns, but upstream allocates its
+    buffer anyway in the backward pass (``backward_cpu_gemm``), so it counts in a train net.
+    """
+    conv = {lay.name: lay.convolution_param for lay in param.layer if lay.type in ("Convolution", "Deconvolution")}
+    out = {}
+    for name, layer in zip(net._layer_names, net.layers, strict=True):
+        if name not in conv:
+            continue
+        cp = conv[name]
+        kernel = list(cp.kernel_size) or [cp.kernel_h, cp.kernel_w]
+        kh, kw = (kernel * 2)[:2] if len(kernel) == 1 else kernel[:2]
+        stride = list(cp.stride) or [1]
+        pad = list(cp.pad) or [0]
+        bottom = net.blobs[net.bottom_names[name][0]].data.shape
+        top = net.blobs[net.top_names[name][0]].data.shape
+        one_by_one = kh == kw == 1 and set(stride) == {1} and set(pad) == {0}
+        if one_by_one and not train:
+            continue
+        if layer.type == "Convolution":
+            out[name] = int(bottom[1] * kh * kw * top[2] * top[3])
+        else:
+            out[name] = int(top[1] * kh * kw * bottom[2] * bottom[3])
+    return out
+
+
+def net_memory(net, param, train: bool) -> dict:
+    """Bytes a net needs, from its blob shapes (float32): what a GPU holds for one iteration.
+
+    Blobs' data, and their diffs in a train net (an upper bound: Caffe allocates a diff when a
+    layer first writes it); parameters' data and diffs, and the SGD momentum history in a train
+    net; max-pooling's indices; the im2col buffers, their sum (upstream) and the largest one (the
+    shared buffer). Python layers' own numpy arrays and the CUDA context are not counted.
+    """
+    blobs = sum(b.count for b in net.blobs.values())
+    params = sum(p.count for ps in net.params.values() for p in ps)
+    pool_idx = sum(
+        net.blobs[net.top_names[n][0]].count
+        for n, lay in zip(net._layer_names, net.layers, strict=True)
+        if lay.type == "Pooling"
+    )
+    cols = conv_buffers(net, param, train)
+    largest = max(cols, key=cols.get)
+    base = 4 * (blobs * (2 if train else 1) + params * (3 if train else 1) + pool_idx)
+    return {
+        "blobs_data_bytes": 4 * blobs,
+        "blobs_diff_bytes": 4 * blobs if train else 0,
+        "params_bytes": 4 * params,
+        "solver_history_bytes": 4 * params if train else 0,
+        "params_diff_bytes": 4 * params if train else 0,
+        "pooling_indices_bytes": 4 * pool_idx,
+        "col_buffers_bytes": {k: 4 * v for k, v in sorted(cols.items(), key=lambda kv: -kv[1])},
+        "col_sum_bytes": 4 * sum(cols.values()),
+        "col_largest": largest,
+        "col_largest_bytes": 4 * cols[largest],
+        "total_own_bytes": base + 4 * sum(cols.values()),
+        "total_shared_bytes": base + 4 * cols[largest],
+    }
+
+
+def _memory_child(spec: dict) -> dict:
+    """In a fresh process: build one net, run it, report its peak resident memory and timings."""
+    import sys
+
+    caffe = set_mode(spec.get("gpu"))
+    from redseg.toolchain.caffe_utils import read_net_param
+
+    start_rss = rss_mb()
+    h, w = spec["size"]
+    if spec["net"] == "deploy":
+        net = caffe.Net(spec["prototxt"], caffe.TEST)
+        net.blobs["data"].reshape(1, 3, h, w)
+        net.reshape()
+        net.blobs["data"].data[...] = np.random.default_rng(spec.get("seed", 0)).normal(0, 40, (1, 3, h, w))
+        param, train = read_net_param(spec["prototxt"]), False
+
+        def run():
+            net.forward()
+            net.blobs["prob_he"].data.item(0)
+
+    else:
+        solver = caffe.get_solver(spec["solver"])
+        net = solver.net
+        param, train = read_net_param(spec["prototxt"]), True
+        loss_blob = next(b for b in net.outputs if b.startswith("loss_"))
+
+        def run():
+            solver.step(1)
+            net.blobs[loss_blob].data.item()
+
+    for _ in range(spec["warmup"]):
+        run()
+    seconds = _timed(run, spec["repeats"])
+    out = {
+        "start_rss_mb": round(start_rss, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "seconds": seconds,
+        "paper": net_memory(net, param, train),
+        "shared_col": os.environ.get(SHARED_COL_ENV, "1") != "0",
+    }
+    print(json.dumps(out), file=sys.stdout, flush=True)
+    return out
+
+
+def _run_child(spec: dict, shared: bool, timeout: float = 3600) -> dict:
+    import subprocess
+    import sys
+
+    env = {**os.environ, SHARED_COL_ENV: "1" if shared else "0"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-m", "redseg.experiments.benchmark", "--memory-child", json.dumps(spec)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(
+            f"memory child ({spec['net']} at {spec['size']}, shared={shared}) failed: {' | '.join(tail)}"
+        )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _mem_available_mb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _fit_line(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Least-squares (a, b) of y = a + b x, or None with fewer than two distinct x."""
+    if len({x for x, _ in points}) < 2:
+        return None
+    x, y = np.asarray(points, dtype=np.float64).T
+    b, a = np.polyfit(x, y, 1)
+    return float(a), float(b)
+
+
+def largest_photograph(scan: list[dict], budget_gb: float = MEMORY_BUDGET_GB) -> dict:
+    """The most pixels the deploy net can take within ``budget_gb``, both ways, from the measured
+    peaks at several sizes (a straight line in the pixels: every blob and buffer scales with them),
+    and the 3:2 frame (IDRiD's 4288x2848 shape) of that many pixels."""
+    out: dict = {
+        "budget_gb": budget_gb,
+        "basis": "least-squares line through the deploy net's measured peak "
+        "resident memory (whole process) against its input pixels; tools/segment.py runs this net once "
+        "per photograph on the FOV crop, at full resolution when --fov-diameter is the photograph's own",
+    }
+    for mode in ("shared", "own"):
+        pts = [(s["pixels"], s[mode]["peak_rss_mb"]) for s in scan if isinstance(s.get(mode), dict)]
+        line = _fit_line(pts)
+        if line is None:
+            out[mode] = None
+            continue
+        a, b = line
+        pixels = (budget_gb * 1024 - a) / b
+        h = int(np.sqrt(pixels / 1.5))
+        out[mode] = {
+            "mb_fixed": round(a, 1),
+            "mb_per_megapixel": round(b * 1e6, 1),
+            "points": len(pts),
+            "max_pixels": int(pixels),
+            "max_megapixels": round(pixels / 1e6, 2),
+            "frame_3x2": [int(1.5 * h), h],
+            "idrid_full_size_gb": round((a + b * C.IDRID_FULL_SIZE[0] * C.IDRID_FULL_SIZE[1]) / 1024, 1),
+        }
+    return out
+
+
+def gpu_memory_estimate(paper: dict) -> dict:
+    """GiB a net needs on a GPU at the measured size (:func:`net_memory`), shared and upstream, and
+    which cards that admits (with :data:`GPU_CONTEXT_GIB` for the CUDA context)."""
+    out: dict = {
+        "basis": "float32 blob shapes of the net at this size: data + diff of every blob, parameters' data, diff "
+        "and momentum, max-pooling indices, and the im2col buffers (their sum upstream, the largest one shared); "
+        f"a card fits when that plus {GPU_CONTEXT_GIB} GiB for the CUDA context is within its memory. cuDNN is "
+        "not used (docs/gpu.md); the Python layers' arrays live on the host.",
+        "context_gib": GPU_CONTEXT_GIB,
+    }
+    for mode, key in (("shared", "total_shared_bytes"), ("own", "total_own_bytes")):
+        gib = paper[key] / 2**30
+        out[mode] = {
+            "gib": round(gib, 2),
+            "cards": [f"{mem} GB: {names}" for mem, names in GPU_CARDS if gib + GPU_CONTEXT_GIB <= mem],
+            "smallest_card_gb": next((mem for mem, _ in GPU_CARDS if gib + GPU_CONTEXT_GIB <= mem), None),
+        }
+    return out
+
+
+def run_memory_benchmark(cfg: BenchConfig, data_root: Path, workdir: Path) -> dict:
+    """Peak resident memory and seconds per iteration of each net (stage-1 and stage-2 train nets,
+    deploy net), each in a fresh process, with the shared im2col buffer and with one per layer
+    (REDSEG_SHARED_COL=0, upstream's layout); the deploy net also at ``cfg.deploy_scales`` of the
+    size, for the largest photograph within 16 GB; the GPU memory on paper."""
+    from redseg.model.net import NetOptions, redseg
+
+    shared_build = caffe_shared_col()
+    modes = ("shared", "own") if shared_build else ("own",)
+    gpu = cfg.gpu is not None
+    specs = {}
+    for stage in (1, 2):
+        if stage in cfg.stages:
+            solver = _write_stage(workdir, stage, list_path(data_root, "train").resolve(), gpu)
+            specs[f"stage{stage}"] = {
+                "net": f"stage{stage}",
+                "solver": str(solver),
+                "prototxt": str(workdir / f"stage{stage}_train.prototxt"),
+            }
+    deploy = workdir / "deploy.prototxt"
+    deploy.write_text(str(redseg(NetOptions(stage="deploy"))))
+    specs["deploy"] = {"net": "deploy", "prototxt": str(deploy)}
+    common = {"size": list(cfg.size), "warmup": cfg.warmup, "repeats": cfg.repeats, "gpu": cfg.gpu, "seed": cfg.seed}
+    result: dict = {
+        "shared_col_build": shared_build,
+        "how": "each net in a fresh process (python -m redseg.experiments.benchmark --memory-child): "
+        f"{cfg.warmup} warm-up + {cfg.repeats} timed iterations (train nets: solver.step(1); deploy: forward), "
+        "then its peak resident memory (getrusage ru_maxrss); shared: the patched Caffe's default, own: "
+        f"{SHARED_COL_ENV}=0 (one buffer per layer, as upstream)",
+        "nets": {},
+    }
+    if not shared_build:
+        result["note"] = "this Caffe has no shared im2col buffer (make setup SHARED_COL=0, or CAFFE_ROOT): own only"
+    for i, (name, spec) in enumerate(specs.items()):
+        entry: dict = {"gpu_estimate": None}
+        runs: dict[str, list[dict]] = {m: [] for m in modes}
+        for r in range(cfg.memory_rounds):
+            order = modes if (i + r) % 2 == 0 else tuple(reversed(modes))  # alternate which goes first
+            for mode in order:
+                log.info(
+                    "memory: %s at %dx%d, %s im2col buffer (round %d of %d)",
+                    name, cfg.size[1], cfg.size[0], mode, r + 1, cfg.memory_rounds,
+                )  # fmt: skip
+                runs[mode].append(_run_child({**spec, **common}, shared=mode == "shared"))
+        for mode, children in runs.items():
+            peak = max(c["peak_rss_mb"] for c in children)
+            start_rss = min(c["start_rss_mb"] for c in children)
+            entry[mode] = {
+                "peak_rss_mb": peak,
+                "peak_rss_mb_per_round": [c["peak_rss_mb"] for c in children],
+                "start_rss_mb": start_rss,
+                "net_mb": round(peak - start_rss, 1),
+                "seconds": summarize([t for c in children for t in c["seconds"]]),
+            }
+            entry["paper"] = children[0]["paper"]
+        entry["gpu_estimate"] = gpu_memory_estimate(entry["paper"])
+        if "shared" in entry and "own" in entry:
+            entry["saved_mb"] = round(entry["own"]["peak_rss_mb"] - entry["shared"]["peak_rss_mb"], 1)
+            entry["saved_mb_paper"] = round(
+                (entry["paper"]["col_sum_bytes"] - entry["paper"]["col_largest_bytes"]) / 2**20, 1
+            )
+            entry["ratio"] = round(entry["own"]["peak_rss_mb"] / entry["shared"]["peak_rss_mb"], 2)
+            entry["speed_ratio"] = round(entry["shared"]["seconds"]["median"] / entry["own"]["seconds"]["median"], 3)
+        result["nets"][name] = entry
+        gc.collect()
+    # The deploy net at other sizes, for the largest photograph within the budget.
+    h, w = cfg.size
+    full = {"size": [h, w], "pixels": h * w, **{m: result["nets"]["deploy"][m] for m in modes}}
+    scan = [full]
+    avail = _mem_available_mb()
+    for s in sorted(set(cfg.deploy_scales) - {1.0}):
+        size = [max(32, round(h * s)), max(32, round(w * s))]
+        point: dict = {"size": size, "pixels": size[0] * size[1]}
+        for mode in modes:
+            ref = full[mode]
+            predicted = ref["start_rss_mb"] + ref["net_mb"] * point["pixels"] / full["pixels"]
+            if avail is not None and predicted > 0.6 * avail:  # a shared machine: leave others room
+                point[mode] = f"not run: about {predicted / 1024:.1f} GB predicted, {avail / 1024:.1f} GB available"
+                continue
+            log.info("memory: deploy at %dx%d, %s im2col buffer", size[1], size[0], mode)
+            child = _run_child(
+                {**specs["deploy"], **common, "size": size, "repeats": 1, "warmup": 0}, shared=mode == "shared"
+            )
+            point[mode] = {
+                "peak_rss_mb": child["peak_rss_mb"],
+                "start_rss_mb": child["start_rss_mb"],
+                "seconds": summarize(child["seconds"]),
+            }
+        scan.append(point)
+    result["deploy_scan"] = sorted(scan, key=lambda p: p["pixels"])
+    result["largest_photograph"] = largest_photograph(result["deploy_scan"])
+    if "stage1" in result["nets"]:
+        result["gpu_estimate_stage1"] = result["nets"]["stage1"]["gpu_estimate"]
+    return result
+
+
 def run_benchmark(cfg: BenchConfig) -> dict:
     """Everything above; returns the result dict that tools/benchmark.py prints and writes as JSON."""
     start = time.perf_counter()
@@ -539,6 +853,11 @@ def run_benchmark(cfg: BenchConfig) -> dict:
             "stages": {},
         }
         result["settings"]["stages"] = list(cfg.stages)
+        result["settings"]["deploy_scales"] = list(cfg.deploy_scales)
+        if cfg.memory or cfg.memory_only:  # first: the children then share the machine with a small parent
+            result["memory"] = run_memory_benchmark(cfg, data_root, workdir)
+        if cfg.memory_only:
+            return _finish(result, start, load_start)
         for stage in cfg.stages:
             result["stages"][f"stage{stage}"] = time_stage(cfg, stage, data_root, workdir)
             gc.collect()  # free one stage's net before the next one is built
@@ -561,8 +880,12 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     result["python_share"] = {s: v["python_share"] for s, v in st.items()}
     result["forward_s"] = result["deploy"]["forward_s"]
     result["scoring_s"] = result["scoring"]["scoring_s"]
-    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     result["gpu_estimate"] = gpu_estimate(result)
+    return _finish(result, start, load_start)
+
+
+def _finish(result: dict, start: float, load_start) -> dict:
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     result["machine"]["loadavg_start"] = [round(v, 2) for v in load_start] if load_start else None
     result["machine"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()] if load_start else None
     result["elapsed_s"] = round(time.perf_counter() - start, 1)
@@ -697,6 +1020,54 @@ def layer_summary(table: list[dict], iteration_ms: float) -> list[tuple[str, flo
     return [(k, v, v / iteration_ms) for k, v in rows]
 
 
+def format_memory(mem: dict | None, size) -> list[str]:
+    """The memory section's table: each net's peak, both ways; the 16 GB photograph; the GPU estimate."""
+    if not mem:
+        return []
+    h, w = size
+    lines = ["", f"Memory at {w}x{h}, each net in a process of its own (peak resident MB; s per iteration / forward):"]
+    if mem.get("note"):
+        lines.append(f"  {mem['note']}")
+    lines.append(
+        f"  {'net':8s} {'shared':>9s} {'own':>9s} {'saved':>9s} {'paper':>9s} {'own/shared':>10s}"
+        f" {'s shared':>9s} {'s own':>9s}"
+    )
+    for name, e in mem["nets"].items():
+
+        def cell(mode: str, key: str, e=e) -> str:
+            return f"{e[mode][key]:9.0f}" if mode in e else f"{'-':>9s}"
+
+        def secs(mode: str, e=e) -> str:
+            return f"{e[mode]['seconds']['median']:9.3f}" if mode in e else f"{'-':>9s}"
+
+        saved = f"{e['saved_mb']:9.0f}" if "saved_mb" in e else f"{'-':>9s}"
+        paper = f"{e['saved_mb_paper']:9.0f}" if "saved_mb_paper" in e else f"{'-':>9s}"
+        ratio = f"{e['ratio']:9.2f}x" if "ratio" in e else f"{'-':>10s}"
+        lines.append(
+            f"  {name:8s} {cell('shared', 'peak_rss_mb')} {cell('own', 'peak_rss_mb')} {saved} {paper} {ratio}"
+            f" {secs('shared')} {secs('own')}"
+        )
+    lines.append("  (paper: the im2col buffers' sum minus the largest one, from the blob shapes)")
+    big = mem.get("largest_photograph") or {}
+    for mode in ("shared", "own"):
+        b = big.get(mode)
+        if b:
+            lines.append(
+                f"  deploy net within {big['budget_gb']} GB, {mode}: {b['max_megapixels']} MP "
+                f"(a {b['frame_3x2'][0]}x{b['frame_3x2'][1]} 3:2 frame; {b['mb_fixed']:.0f} MB + "
+                f"{b['mb_per_megapixel']:.0f} MB/MP from {b['points']} sizes); IDRiD's full 4288x2848 would need "
+                f"{b['idrid_full_size_gb']} GB"
+            )
+    g = mem.get("gpu_estimate_stage1")
+    if g:
+        for mode in ("shared", "own"):
+            lines.append(
+                f"  GPU, stage-1 iteration on paper, {mode}: {g[mode]['gib']} GiB + {g['context_gib']} GiB context; "
+                f"smallest card: {g[mode]['smallest_card_gb'] or 'over 24'} GB"
+            )
+    return lines
+
+
 def format_report(result: dict, top_layers: int = 12) -> str:
     h, w = result["size"]
     m = result["machine"]
@@ -706,8 +1077,10 @@ def format_report(result: dict, top_layers: int = 12) -> str:
         f"{result['elapsed_s']:.0f} s in all",
         result["blas"]["summary"] if result.get("blas") else "BLAS: not recorded",
         "",
-        f"{'measurement':44s} median (IQR, runs)",
     ]
+    if "forward_s" not in result:  # --memory-only
+        return "\n".join(lines + format_memory(result.get("memory"), result["size"]))
+    lines.append(f"{'measurement':44s} median (IQR, runs)")
     for s, v in result["stages"].items():
         lines.append(f"{'training iteration, ' + s + ' [s]':44s} {_ms(v['iteration_s'], 1, 3)}")
     for s, v in result["stages"].items():
@@ -730,7 +1103,8 @@ def format_report(result: dict, top_layers: int = 12) -> str:
         )
     lines.append(f"{'deploy forward pass [s]':44s} {_ms(result['forward_s'], 1, 3)}")
     lines.append(f"{'scoring 27 test images [s]':44s} {_ms(result['scoring_s'], 1, 3)}")
-    lines.append(f"{'peak resident memory [MB]':44s} {result['peak_rss_mb']:.0f}")
+    lines.append(f"{'peak resident memory of this process [MB]':44s} {result['peak_rss_mb']:.0f}")
+    lines += format_memory(result.get("memory"), result["size"])
     for s, v in result["stages"].items():
         it_ms = v["layers_iteration_s"] * 1e3
         lines += ["", f"Where a {s} iteration goes (caffe time style; the timed iteration of median length):"]
@@ -759,3 +1133,18 @@ def format_report(result: dict, top_layers: int = 12) -> str:
                 f"{100 * c['python_share_on_gpu']:.0f} % of it; {c['paper_schedule_hours']} h in all{ref}"
             )
     return "\n".join(lines)
+
+
+def _child_main(argv: list[str]) -> int:
+    """``python -m redseg.experiments.benchmark --memory-child SPEC``: :func:`_memory_child` (JSON on stdout)."""
+    if len(argv) != 2 or argv[0] != "--memory-child":
+        print("usage: python -m redseg.experiments.benchmark --memory-child JSON (run by run_memory_benchmark)")
+        return 2
+    _memory_child(json.loads(argv[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_child_main(sys.argv[1:]))

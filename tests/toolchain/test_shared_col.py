@@ -193,6 +193,29 @@ def test_demo_schedule_is_bit_for_bit_the_same(shared_caffe, tiny_set, tmp_path)
     assert len(_csv_without_seconds(tmp_path / "shared" / "run" / "stage1_test_log.csv")) == 3
 
 
+def test_the_benchmark_measures_each_net_both_ways(shared_caffe, tmp_path):
+    """tools/benchmark.py --memory-only (make benchmark's memory section) at a small size."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(REPO / "tools" / "benchmark.py"), "--memory-only", "--size", "96x128", "--stages", "1"]
+    cmd += ["--repeats", "1", "--warmup", "0", "--json", str(out), "-q"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    mem = json.loads(out.read_text())["memory"]
+    assert mem["shared_col_build"] and set(mem["nets"]) == {"stage1", "deploy"}
+    for name, e in mem["nets"].items():
+        assert e["shared"]["peak_rss_mb"] < e["own"]["peak_rss_mb"], name
+        assert e["shared"]["seconds"]["n"] == e["own"]["seconds"]["n"] == 1
+        # what the shared buffer saves, measured, is what the blob shapes say (sum - largest buffer)
+        assert 0.7 * e["saved_mb_paper"] < e["saved_mb"] < 1.3 * e["saved_mb_paper"], (name, e)
+        assert e["paper"]["col_largest"] == "conv1_2"
+    assert [p["size"] for p in mem["deploy_scan"]] == [[48, 64], [96, 128]]
+    big = mem["largest_photograph"]
+    assert big["shared"]["max_pixels"] > 1.5 * big["own"]["max_pixels"]
+    gpu = mem["gpu_estimate_stage1"]
+    assert gpu["shared"]["gib"] < gpu["own"]["gib"] and gpu["shared"]["smallest_card_gb"] == 8
+    assert "Memory at 128x96" in r.stdout
+
+
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "own-buffers"])
 def test_pycaffe_upstream_tests_pass(caffe, shared, tmp_path):
     """Caffe's own Python tests (python/caffe/test of the built tree) against this build.
