@@ -118,8 +118,9 @@ reproduce: setup
 # synthetic copies of the five layouts with the demo schedule. Same runner as reproduce (GPUS, LAUNCHER).
 XDATA    := $(if $(filter command line environment,$(origin RUN)),$(RUN),runs/crossdata)
 POOLED   ?=
+DATA_ROOT ?= data
 crossdata: setup
-	$(PY) tools/crossdata.py --run $(XDATA) $(REPRO_SCHEDULE) $(if $(POOLED),--pooled,) $(if $(FROM_SCRATCH),--from-scratch,) $(if $(strip $(GPUS)),--gpus $(GPUS),) $(REPRO_SLURM)
+	$(PY) tools/crossdata.py --run $(XDATA) --data-root $(DATA_ROOT) $(REPRO_SCHEDULE) $(if $(POOLED),--pooled,) $(if $(FROM_SCRATCH),--from-scratch,) $(if $(strip $(GPUS)),--gpus $(GPUS),) $(REPRO_SLURM)
 
 # Screening many photographs on a SLURM cluster (docs/cluster.md): tools/segment.py as a job array of
 # PARTS tasks over PHOTOS, then one summary (tools/segment.py --merge) in SEGMENT_OUT. The model:
