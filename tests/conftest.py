@@ -108,3 +108,20 @@ def smoke_reproduction(tmp_path_factory) -> tuple[Path, dict]:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return run, json.loads((run / "reproduction.json").read_text())["experiments"]
+
+
+@pytest.fixture(scope="session")
+def smoke_crossdata(tmp_path_factory) -> tuple[Path, dict]:
+    """`make crossdata SCHEDULE=smoke` on synthetic copies of the five layouts (no prepared set under
+    DATA_ROOT), run once per session: its run folder and crossdata.json. Shared by
+    tests/experiments/test_crossdata.py and test_slurm.py (the SLURM run is compared with it)."""
+    import json
+    import subprocess
+
+    base = tmp_path_factory.mktemp("crossdata")
+    (base / "empty").mkdir()
+    run = base / "run"
+    cmd = ["make", "--no-print-directory", "crossdata", "SCHEDULE=smoke", f"RUN={run}", f"DATA_ROOT={base / 'empty'}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return run, json.loads((run / "crossdata.json").read_text())

@@ -25,16 +25,12 @@ def _make(run, data_root, *extra) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def crossed(tmp_path_factory):
-    base = tmp_path_factory.mktemp("crossdata")
-    (base / "empty").mkdir()
-    proc = _make(base / "run", base / "empty")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return base / "run", json.loads((base / "run" / "crossdata.json").read_text()), proc
+def crossed(smoke_crossdata):
+    return smoke_crossdata
 
 
 def test_every_model_on_every_test_set_and_the_table_is_their_scores(crossed):
-    run, r, _ = crossed
+    run, r = crossed
     assert r["train_sets"] == TRAIN and r["test_sets"] == TEST and r["synthetic"] is True
     for train in TRAIN:
         assert r["experiments"][train]["status"] == "done", r["experiments"][train]
@@ -50,7 +46,7 @@ def test_every_model_on_every_test_set_and_the_table_is_their_scores(crossed):
 
 
 def test_eophtha_he_is_not_scored_and_the_diagonal_is_marked(crossed):
-    run, r, _ = crossed
+    run, r = crossed
     for train in TRAIN:
         he = r["matrix"][train]["eophtha-ma"]["HE"]
         assert he["not_scored"] and (he["auc_pr"] is None or he["auc_pr"] != he["auc_pr"])  # null or nan, never 0
@@ -68,7 +64,7 @@ def test_eophtha_he_is_not_scored_and_the_diagonal_is_marked(crossed):
 
 def test_scored_at_each_sets_own_label_size(crossed):
     """DDR's labels keep its cameras' sizes although the model saw the photographs rescaled."""
-    run, r, _ = crossed
+    run, r = crossed
     metrics = json.loads((run / "idrid" / "test_ddr" / "eval" / "metrics.json").read_text())
     with open_source(run / "synthetic" / "ddr") as src:
         sizes = {tuple(src.read_image(it.image).shape[1::-1]) for it in src.items("test")}
@@ -80,7 +76,7 @@ def test_scored_at_each_sets_own_label_size(crossed):
 
 
 def test_a_second_run_skips_every_finished_experiment(crossed):
-    run, r, _ = crossed
+    run, r = crossed
     weights = run / "ddr" / "stage2_final.caffemodel"
     stamp = weights.stat().st_mtime_ns
     proc = _make(run, run.parent / "empty")

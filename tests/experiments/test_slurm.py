@@ -242,6 +242,24 @@ def test_a_second_submission_only_gathers_and_so_does_a_local_run(submitted):
     assert all(e["status"] in ("done", "skipped") for e in results(run).values())
 
 
+def test_crossdata_through_slurm_equals_the_local_run(cluster, smoke_crossdata, tmp_path):
+    """`make crossdata SCHEDULE=smoke LAUNCHER=slurm`: the same runner's experiments as SLURM tasks
+    (stage 2 after its stage-1 task), then the gathering job's table, equal to the local run's."""
+    local_run, local = smoke_crossdata
+    run = tmp_path / "run"
+    (tmp_path / "empty").mkdir()
+    cmd = ["make", "-s", "-o", "setup", "crossdata", "SCHEDULE=smoke", f"RUN={run}", f"PY={sys.executable}"]
+    cmd += [f"DATA_ROOT={tmp_path / 'empty'}", "LAUNCHER=slurm"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
+    record = jobs(run)
+    assert set(record["after"]) == {"idrid", "ddr", "fgadr"}  # each stage 2 waits for its stage-1 task
+    wait_for(run, record)
+    ours = json.loads((run / "crossdata.json").read_text())
+    assert all(ours["experiments"][k]["status"] == "done" for k in ("idrid", "ddr", "fgadr")), ours["experiments"]
+    assert ours["matrix"] == local["matrix"]  # every number, to the last digit
+
+
 def _rows(path: Path) -> int:
     try:
         return len(path.read_text().splitlines()) - 1
