@@ -124,12 +124,9 @@ def run(args) -> int:
         raise ValueError("GPUS= is for one machine; with LAUNCHER=slurm each task gets its GPU from SBATCH")
     weights = None
     if not (synthetic or args.from_scratch):
-        weights = args.weights or DEFAULT_VGG16
-        if not weights.is_file():
-            raise FileNotFoundError(
-                f"no ImageNet VGG16 weights at {weights}: run `make vgg16` (docs/weights.md), pass "
-                "VGG16=/path (--weights), or FROM_SCRATCH=1 (--from-scratch; not the paper's setting)"
-            )
+        from redseg.experiments.reproduce import vgg16_weights
+
+        weights = vgg16_weights(args.weights, DEFAULT_VGG16)
     if synthetic:
         if not found:
             logging.info("no prepared sets under %s: synthetic copies of every layout", args.data_root)

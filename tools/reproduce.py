@@ -173,12 +173,9 @@ def run(args) -> int:
         raise ValueError("--slurm-task runs one experiment: --only NAME")
     weights = None
     if not (synthetic or args.from_scratch):
-        weights = args.weights or DEFAULT_VGG16
-        if not weights.is_file():
-            raise FileNotFoundError(
-                f"no ImageNet VGG16 weights at {weights}: run `make vgg16` (docs/weights.md), pass "
-                "VGG16=/path (--weights), or FROM_SCRATCH=1 (--from-scratch; not the paper's setting)"
-            )
+        from redseg.experiments.reproduce import vgg16_weights
+
+        weights = vgg16_weights(args.weights, DEFAULT_VGG16)
     gt, data = data_paths(args)
     s = Settings(args.run, gt, data, schedule, weights, synthetic, progress=cli.show_progress(args))
     check_settings(s)  # before anything is written

@@ -212,8 +212,22 @@ def assemble(
     return result
 
 
+def _matrix(r: dict, value: str) -> list[str]:
+    """One train x test table of ``value`` (MA / HE), the diagonal bold."""
+    tests = r["test_sets"]
+    lines = ["| trained on \\ tested on | " + " | ".join(TITLES.get(t, t) for t in tests) + " |"]
+    lines.append("|---|" + "---|" * len(tests))
+    for key in r["train_sets"]:
+        cells = []
+        for t in tests:
+            m = r["matrix"][key].get(t)
+            text = f"{_cell(m and m['MA'], value)} / {_cell(m and m['HE'], value)}"
+            cells.append(f"**{text}**" if t == key else text)
+        lines.append(f"| {TITLES.get(key, key)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render(r: dict) -> str:
-    tests, trains = r["test_sets"], r["train_sets"]
     lines = ["# Red-Seg across data sets", ""]
     if r["synthetic"]:
         lines += [
@@ -229,30 +243,12 @@ def render(r: dict) -> str:
         "protocol: 31 thresholds, pooled counts, trapezoid), **bold** on the diagonal (a model on its own "
         "set's test split); n.s.: not scored (the set has no ground truth for that lesion); -: not run.",
         "",
-        "| trained on \\ tested on | " + " | ".join(TITLES.get(t, t) for t in tests) + " |",
-        "|---|" + "---|" * len(tests),
-    ]
-    for key in trains:
-        cells = []
-        for t in tests:
-            m = r["matrix"][key].get(t)
-            text = f"{_cell(m and m['MA'], 'auc_pr')} / {_cell(m and m['HE'], 'auc_pr')}"
-            cells.append(f"**{text}**" if t == key else text)
-        lines.append(f"| {TITLES.get(key, key)} | " + " | ".join(cells) + " |")
-    lines += [
+        *_matrix(r, "auc_pr"),
         "",
         "AP (exact, 256 thresholds), MA / HE:",
         "",
-        "| trained on \\ tested on | " + " | ".join(TITLES.get(t, t) for t in tests) + " |",
-        "|---|" + "---|" * len(tests),
+        *_matrix(r, "ap"),
     ]
-    for key in trains:
-        cells = []
-        for t in tests:
-            m = r["matrix"][key].get(t)
-            text = f"{_cell(m and m['MA'], 'ap')} / {_cell(m and m['HE'], 'ap')}"
-            cells.append(f"**{text}**" if t == key else text)
-        lines.append(f"| {TITLES.get(key, key)} | " + " | ".join(cells) + " |")
     lines += ["", "## Data", "", "| set | images (train / val / test) | scale | mask rule | split | labels scored |"]
     lines.append("|---|---|---|---|---|---|")
     for key, d in r["data"].items():

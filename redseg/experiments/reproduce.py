@@ -534,3 +534,14 @@ def run_task(s: Settings, exp: Experiment, gpus: Sequence[int]) -> int:
         log.info("%s: resumes from its latest snapshot, iteration %d", exp.name, max(states))
     outcomes = run_all(s, [exp], gpus)
     return 0 if all(o.status in ("done", "skipped") for o in outcomes) else 1
+
+
+def vgg16_weights(weights: Path | None, default: Path) -> Path:
+    """The ImageNet VGG16 weights stage 1 starts from (the paper's), or a clear error saying how to get them."""
+    weights = weights or default
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"no ImageNet VGG16 weights at {weights}: run `make vgg16` (docs/weights.md), pass "
+            "VGG16=/path (--weights), or FROM_SCRATCH=1 (--from-scratch; not the paper's setting)"
+        )
+    return weights
