@@ -97,6 +97,7 @@ class GroundTruth:
     not_scored: dict[str, str] = field(default_factory=dict)  # lesion -> why it has no ground truth
     read_mask: Callable[[Any], np.ndarray] = read_mask  # a mask of ``images`` as a bool map
     close: Callable[[], None] = lambda: None  # releases the reader (a zip) when scoring is done
+    photo_shape: Callable[[str], tuple[int, int] | None] = lambda name: None  # a photograph's size, by name
 
 
 # --- ground truth -------------------------------------------------------------------------------
@@ -178,7 +179,14 @@ def _published(path: Path, dataset: str) -> GroundTruth:
     }
     if dataset == "idrid":  # metrics.json as it has always been for IDRiD
         info = {"masks": masks, "synthetic": info["synthetic"]}
-    return GroundTruth("official", path, images, info, dict(source.not_scored), source.read_mask, source.close)
+    files = {it.name: it.image for it in items if it.image is not None}
+
+    def photo_shape(name: str) -> tuple[int, int] | None:
+        return source.read_image(files[name]).shape[:2] if source.is_zip and name in files else None
+
+    return GroundTruth(
+        "official", path, images, info, dict(source.not_scored), source.read_mask, source.close, photo_shape
+    )
 
 
 def _prepared(list_file: Path) -> GroundTruth:
@@ -225,11 +233,14 @@ def prediction_path(pred_dir: Path, name: str, lesion: str) -> Path:
 # --- scoring ------------------------------------------------------------------------------------
 
 
-def _ref_shape(item: GtImage, masks: dict[str, np.ndarray | None]) -> tuple[int, int] | None:
+def _ref_shape(item: GtImage, masks: dict[str, np.ndarray | None], truth: GroundTruth) -> tuple[int, int] | None:
     """The label size of an image with a missing mask: another mask's size, else the photo's."""
     for m in masks.values():
         if m is not None:
             return m.shape
+    shape = truth.photo_shape(item.name)  # a photograph inside a zip
+    if shape is not None:
+        return shape
     if item.photo is not None:
         photo = cv2.imread(str(item.photo), cv2.IMREAD_GRAYSCALE)
         if photo is not None:
@@ -317,7 +328,7 @@ def _score(
     for item in tqdm(truth.images, desc="evaluate", unit="image", disable=not progress):
         preds = {les: read_prediction(prediction_path(pred_dir, item.name, les)) for les in scored}
         masks = {les: truth.read_mask(p) if p is not None else None for les, p in item.masks.items() if les in scored}
-        ref = _ref_shape(item, masks)
+        ref = _ref_shape(item, masks, truth)
         if ref is None:
             ref = preds[scored[0]].shape
             log.warning("%s: no mask and no photo, label size taken from the prediction", item.name)

@@ -357,3 +357,60 @@ def test_report_says_when_labels_are_synthetic(tmp_path):
     (root / "synthetic.json").unlink()
     evaluate(pred, root, tmp_path / "out2", overlays=0, progress=False)
     assert "synthetic" not in (tmp_path / "out2" / "report.md").read_text()
+
+
+# --- the other published layouts (redseg.data.datasets) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def eophtha_copy(tmp_path_factory) -> Path:
+    from redseg.data.synthetic_layouts import generate_layout
+
+    root = tmp_path_factory.mktemp("eophtha") / "e-ophtha"
+    generate_layout("eophtha-ma", root, n={"MA": 2, "healthy": 1}, progress=False)
+    return root
+
+
+def _maps_from_labels(source, out: Path, noise: int, scale: float = 0.5) -> dict:
+    """Predictions made from the set's own labels (lesion 200, else `noise`), smaller than the labels."""
+    out.mkdir(parents=True, exist_ok=True)
+    labels = {}
+    for it in source.items("test"):
+        h, w = source.read_image(it.image).shape[:2]
+        ma = source.read_mask(it.masks["MA"]) if it.masks.get("MA") else np.zeros((h, w), bool)
+        labels[it.name] = ma
+        p = np.where(ma, 200, noise).astype(np.uint8)
+        cv2.imwrite(str(out / f"{it.name}_ma.png"), cv2.resize(p, (int(w * scale), int(h * scale))))
+        cv2.imwrite(str(out / f"{it.name}_he.png"), np.full((int(h * scale), int(w * scale)), 77, np.uint8))
+    return labels
+
+
+def test_eophtha_scored_at_its_label_size_and_he_not_scored(eophtha_copy, tmp_path):
+    """--gt an e-ophtha MA folder (and its zip): MA at the photographs' size by its >= 128 rule, HE
+    not scored (no ground truth), never 0, in metrics.json and report.md."""
+    import shutil
+
+    from redseg.data.datasets import open_source
+
+    with open_source(eophtha_copy) as src:
+        labels = _maps_from_labels(src, tmp_path / "pred", noise=10)
+    archive = Path(shutil.make_archive(str(tmp_path / "eophtha"), "zip", eophtha_copy.parent, eophtha_copy.name))
+    for gt in (eophtha_copy, archive):
+        proc = run_cli("--pred", str(tmp_path / "pred"), "--gt", str(gt), "--out", str(tmp_path / f"e_{gt.suffix}"))
+        assert proc.returncode == 0, proc.stderr
+        m = json.loads((tmp_path / f"e_{gt.suffix}" / "metrics.json").read_text())
+        assert m["meta"]["gt_info"]["dataset"] == "eophtha-ma" and m["meta"]["n_images"] == 3
+        assert m["HE"]["not_scored"] and m["HE"]["auc_pr"] is None and m["HE"]["n_pos"] == 0
+        assert m["MA"]["n_pos"] == sum(int(v.sum()) for v in labels.values())  # every label pixel, at full size
+        assert m["MA"]["auc_pr"] > 0.9
+        sizes = {tuple(v.shape[::-1]) for v in labels.values()}
+        assert {tuple(s) for s in m["meta"]["label_sizes"]} == sizes
+        report = (tmp_path / f"e_{gt.suffix}" / "report.md").read_text()
+        assert "| HE | not scored" in report
+        assert "HE: not scored" in proc.stdout or "not scored" in proc.stdout
+
+
+def test_a_layout_named_wrongly_is_refused_in_one_line(eophtha_copy, tmp_path):
+    proc = run_cli("--pred", str(tmp_path), "--gt", str(eophtha_copy), "--dataset", "ddr")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "DDR" in proc.stderr.strip().splitlines()[-1] and "lesion_segmentation" in proc.stderr
