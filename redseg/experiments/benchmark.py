@@ -644,7 +644,7 @@ def _memory_child(spec: dict) -> dict:
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "seconds": seconds,
         "paper": net_memory(net, param, train),
-        "shared_col": os.environ.get(SHARED_COL_ENV, "1") != "0",
+        "shared_col": caffe_shared_col() and os.environ.get(SHARED_COL_ENV, "1") != "0",
     }
     print(json.dumps(out), file=sys.stdout, flush=True)
     return out
@@ -686,14 +686,21 @@ def _fit_line(points: list[tuple[float, float]]) -> tuple[float, float] | None:
 
 
 def largest_photograph(scan: list[dict], budget_gb: float = MEMORY_BUDGET_GB) -> dict:
-    """The most pixels the deploy net can take within ``budget_gb``, both ways, from the measured
-    peaks at several sizes (a straight line in the pixels: every blob and buffer scales with them),
-    and the 3:2 frame (IDRiD's 4288x2848 shape) of that many pixels."""
+    """The most pixels the deploy net can take within ``budget_gb`` GiB, both ways, from the measured
+    peaks at several sizes (a straight line in the pixels: every blob and buffer scales with them).
+
+    tools/segment.py runs the net once per photograph on the crop to the field of view's bounding
+    box, at full resolution when the training FOV diameter is the photograph's own. So the limit is
+    on that crop: an IDRiD-shaped photograph (4288x2848, FOV 4 x 853 px wide, cut at the top and
+    bottom: a crop of 1.2 x the height by the height) and, more strictly, a 3:2 frame cropped whole.
+    """
+    fov_w = C.IDRID_QUARTER_FOV_DIAMETER_PX * C.DOWNSAMPLE
+    W, H = C.IDRID_FULL_SIZE
     out: dict = {
         "budget_gb": budget_gb,
-        "basis": "least-squares line through the deploy net's measured peak "
-        "resident memory (whole process) against its input pixels; tools/segment.py runs this net once "
-        "per photograph on the FOV crop, at full resolution when --fov-diameter is the photograph's own",
+        "basis": "least-squares line through the deploy net's measured peak resident memory (whole process) "
+        "against its input pixels; tools/segment.py runs this net once per photograph on the FOV crop, at full "
+        "resolution when --fov-diameter is the photograph's own",
     }
     for mode in ("shared", "own"):
         pts = [(s["pixels"], s[mode]["peak_rss_mb"]) for s in scan if isinstance(s.get(mode), dict)]
@@ -703,15 +710,17 @@ def largest_photograph(scan: list[dict], budget_gb: float = MEMORY_BUDGET_GB) ->
             continue
         a, b = line
         pixels = (budget_gb * 1024 - a) / b
-        h = int(np.sqrt(pixels / 1.5))
+        h_frame = int(np.sqrt(pixels / 1.5))
+        h_idrid = int(np.sqrt(pixels / (fov_w / H)))  # crop fov_w/H x h by h
         out[mode] = {
             "mb_fixed": round(a, 1),
             "mb_per_megapixel": round(b * 1e6, 1),
             "points": len(pts),
             "max_pixels": int(pixels),
             "max_megapixels": round(pixels / 1e6, 2),
-            "frame_3x2": [int(1.5 * h), h],
-            "idrid_full_size_gb": round((a + b * C.IDRID_FULL_SIZE[0] * C.IDRID_FULL_SIZE[1]) / 1024, 1),
+            "frame_3x2": [int(1.5 * h_frame), h_frame],
+            "idrid_shaped": [int(W / H * h_idrid), h_idrid],
+            "idrid_full_size_crop_gb": round((a + b * fov_w * H) / 1024, 1),
         }
     return out
 
@@ -1047,16 +1056,20 @@ def format_memory(mem: dict | None, size) -> list[str]:
             f"  {name:8s} {cell('shared', 'peak_rss_mb')} {cell('own', 'peak_rss_mb')} {saved} {paper} {ratio}"
             f" {secs('shared')} {secs('own')}"
         )
-    lines.append("  (paper: the im2col buffers' sum minus the largest one, from the blob shapes)")
+    lines.append(
+        "  (paper: the im2col buffers' sum minus the largest one, from the blob shapes; in a train net it counts "
+        "the 1x1 convolutions' buffers, which upstream allocates in the backward pass but never writes)"
+    )
     big = mem.get("largest_photograph") or {}
     for mode in ("shared", "own"):
         b = big.get(mode)
         if b:
             lines.append(
                 f"  deploy net within {big['budget_gb']} GB, {mode}: {b['max_megapixels']} MP "
-                f"(a {b['frame_3x2'][0]}x{b['frame_3x2'][1]} 3:2 frame; {b['mb_fixed']:.0f} MB + "
-                f"{b['mb_per_megapixel']:.0f} MB/MP from {b['points']} sizes); IDRiD's full 4288x2848 would need "
-                f"{b['idrid_full_size_gb']} GB"
+                f"({b['mb_fixed']:.0f} MB + {b['mb_per_megapixel']:.0f} MB/MP from {b['points']} sizes): an "
+                f"IDRiD-shaped photograph up to {b['idrid_shaped'][0]}x{b['idrid_shaped'][1]}, a 3:2 frame "
+                f"cropped whole up to {b['frame_3x2'][0]}x{b['frame_3x2'][1]}; IDRiD's full 4288x2848 would "
+                f"need {b['idrid_full_size_crop_gb']} GB"
             )
     g = mem.get("gpu_estimate_stage1")
     if g:
