@@ -26,6 +26,7 @@ help:
 	@echo "make setup CUDA=1 [CUDA_ROOT=...] [CUDA_ARCH_BIN='61 75']   the CUDA build (docs/gpu.md)"
 	@echo "make cuda-check compile + link the CUDA build here (no GPU needed), .venv unchanged"
 	@echo "make setup SHARED_COL=0   Caffe without the shared im2col buffer: one per conv layer, as upstream (docs/install.md)"
+	@echo "make setup SHARED_DIFF=0  Caffe without the shared diff memory (REDSEG_SHARED_DIFF=1 then does nothing; docs/install.md)"
 	@echo "make demo       the whole pipeline on a synthetic fundus set -> runs/demo/report.md"
 	@echo "make reproduce [IDRID=/path] [SCHEDULE=smoke] [GPUS='0 1'] [RUN=runs/reproduce]  Tables 2, 5, Figs 6, 7 -> reproduction.md"
 	@echo "make reproduce LAUNCHER=slurm [SBATCH='--partition=gpu --gres=gpu:1 --time=8:00:00'] [SIGNAL_SECONDS=300]  as SLURM jobs (docs/cluster.md)"

@@ -27,6 +27,8 @@
 #   SHARED_COL=0    build Caffe without the project's shared im2col buffer patch (docs/install.md):
 #                   every convolution layer then owns its buffer, as upstream. Default 1; the two
 #                   builds have different cache keys and can both be in the cache
+#   SHARED_DIFF=0   build Caffe without the project's shared diff memory patch (docs/install.md): a
+#                   net's blob diffs then never share memory, even with REDSEG_SHARED_DIFF=1. Default 1
 #   SETUP_SOURCE_ONLY=1  stop once the patched source is in place (prints its folder; no build)
 #   CUDA=1          build with CUDA, without cuDNN (docs/gpu.md): CUDA_ROOT (toolkit root; default: the nvcc on
 #                   PATH, completed with cuBLAS/cuRAND wheels if it lacks them; with no nvcc on PATH, the
@@ -48,6 +50,7 @@ CACHE=${REDSEG_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/redseg}
 JOBS=${JOBS:-$(nproc)}
 CUDA=${CUDA:-0}
 SHARED_COL=${SHARED_COL:-1}
+SHARED_DIFF=${SHARED_DIFF:-1}
 CUDA_ARCH_BIN=${CUDA_ARCH_BIN:-75 90}
 CUDA_ARCH_PTX=${CUDA_ARCH_PTX:-90}
 
@@ -307,7 +310,8 @@ build_caffe() {
   fi
   variant=$(caffe_variant)
   case "$SHARED_COL" in 0 | 1) ;; *) die "SHARED_COL=$SHARED_COL: give 1 (share one im2col buffer, the default) or 0 (upstream's)" ;; esac
-  patchset=$(srcpy patchset --shared-col "$SHARED_COL") || die "redseg/toolchain/caffe_source.py does not run under $VENV/bin/python"
+  case "$SHARED_DIFF" in 0 | 1) ;; *) die "SHARED_DIFF=$SHARED_DIFF: give 1 (blob diffs may share memory, the default) or 0 (upstream's)" ;; esac
+  patchset=$(srcpy patchset --shared-col "$SHARED_COL" --shared-diff "$SHARED_DIFF") || die "redseg/toolchain/caffe_source.py does not run under $VENV/bin/python"
   suffix="p$patchset-$variant-py$pyver"
   local upstream_label
   upstream_label="bvlc-$(PYTHONPATH="$REPO" "$VENV/bin/python" -c 'from redseg.toolchain.caffe_source import UPSTREAM_COMMIT as c; print(c[:7])')"
@@ -348,7 +352,7 @@ build_caffe() {
     fi
     # The tree as fetched, before the patches: provenance, and what the tests re-patch and compare.
     tar -czf "$dir/source.tar.gz" -C "$dir" src || die "could not write $dir/source.tar.gz"
-    srcpy patch "$src" --shared-col "$SHARED_COL" || die "patching the Caffe source in $src failed (see above)"
+    srcpy patch "$src" --shared-col "$SHARED_COL" --shared-diff "$SHARED_DIFF" || die "patching the Caffe source in $src failed (see above)"
     if [ "${SETUP_SOURCE_ONLY:-0}" = 1 ]; then
       log "source ready: $src"
       exit 0
@@ -389,8 +393,9 @@ $(tail -n 15 "$buildlog")"
     # Caffe's CMake quietly falls back to CPU_ONLY when it does not find CUDA: never pass that off.
     die "CUDA=1, but CMake built Caffe without CUDA (toolkit not found under $CUDA_ROOT); see $buildlog"
   fi
-  printf 'source %s\npatches %s\nshared_col %s\nvariant %s\npython %s\nbuilt %s\n' "$3" \
-    "$(srcpy patchset --shared-col "$SHARED_COL")" "$SHARED_COL" "$4" "$5" "$(date -u +%FT%TZ)" >"$dir/.complete"
+  printf 'source %s\npatches %s\nshared_col %s\nshared_diff %s\nvariant %s\npython %s\nbuilt %s\n' "$3" \
+    "$(srcpy patchset --shared-col "$SHARED_COL" --shared-diff "$SHARED_DIFF")" "$SHARED_COL" "$SHARED_DIFF" "$4" "$5" \
+    "$(date -u +%FT%TZ)" >"$dir/.complete"
   log "Caffe built in $dir"
 }
 

@@ -18,9 +18,10 @@ net) and on images it makes itself (no IDRiD needed):
   ``redseg.evaluation.scoring.evaluate``, and the peak resident memory;
 * first (:func:`run_memory_benchmark`), each net in a fresh process of its own, with Caffe's
   shared im2col buffer (make setup's patch, docs/install.md) and with one buffer per layer
-  (``REDSEG_SHARED_COL=0``, upstream's layout): peak resident memory and seconds per iteration; the
-  deploy net at several sizes (the largest photograph within 16 GB); and, from the blob shapes,
-  the GPU memory an iteration needs both ways;
+  (``REDSEG_SHARED_COL=0``, upstream's layout), and with the shared im2col buffer and shared blob
+  diffs (``REDSEG_SHARED_DIFF=1``, what the training driver builds): peak resident memory and
+  seconds per iteration; the deploy net at several sizes (the largest photograph within 16 GB);
+  and, from the blob shapes, the GPU memory an iteration needs both ways;
 * separately (:func:`run_onnx_benchmark`, ``tools/benchmark.py --onnx``): one photograph through
   the deploy net in pycaffe and through its ONNX export (redseg/deploy/onnx_export.py) in ONNX Runtime,
   side by side on the same input, with the largest difference of the probabilities.
@@ -51,7 +52,15 @@ from redseg.data.prepared_set import list_path, read_list, read_mask, write_list
 from redseg.fileio import mark_complete, write_image, write_json
 from redseg.model import reference_losses
 from redseg.toolchain import blas
-from redseg.toolchain.caffe_utils import REPO, SHARED_COL_ENV, caffe_shared_col, import_caffe, set_mode
+from redseg.toolchain.caffe_utils import (
+    REPO,
+    SHARED_COL_ENV,
+    SHARED_DIFF_ENV,
+    caffe_shared_col,
+    caffe_shared_diff,
+    import_caffe,
+    set_mode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -645,16 +654,17 @@ def _memory_child(spec: dict) -> dict:
         "seconds": seconds,
         "paper": net_memory(net, param, train),
         "shared_col": caffe_shared_col() and os.environ.get(SHARED_COL_ENV, "1") != "0",
+        "shared_diff": caffe_shared_diff() and os.environ.get(SHARED_DIFF_ENV) == "1",
     }
     print(json.dumps(out), file=sys.stdout, flush=True)
     return out
 
 
-def _run_child(spec: dict, shared: bool, timeout: float = 3600) -> dict:
+def _run_child(spec: dict, shared: bool, timeout: float = 3600, diff: bool = False) -> dict:
     import subprocess
     import sys
 
-    env = {**os.environ, SHARED_COL_ENV: "1" if shared else "0"}
+    env = {**os.environ, SHARED_COL_ENV: "1" if shared else "0", SHARED_DIFF_ENV: "1" if diff else "0"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, "-m", "redseg.experiments.benchmark", "--memory-child", json.dumps(spec)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -754,6 +764,9 @@ def run_memory_benchmark(cfg: BenchConfig, data_root: Path, workdir: Path) -> di
 
     shared_build = caffe_shared_col()
     modes = ("shared", "own") if shared_build else ("own",)
+    # "diff": the shared im2col buffer and shared blob diffs (REDSEG_SHARED_DIFF=1), as the
+    # training driver builds its nets with a build that has both patches
+    all_modes = modes + (("diff",) if shared_build and caffe_shared_diff() else ())
     gpu = cfg.gpu is not None
     specs = {}
     for stage in (1, 2):
@@ -770,25 +783,30 @@ def run_memory_benchmark(cfg: BenchConfig, data_root: Path, workdir: Path) -> di
     common = {"size": list(cfg.size), "warmup": cfg.warmup, "repeats": cfg.repeats, "gpu": cfg.gpu, "seed": cfg.seed}
     result: dict = {
         "shared_col_build": shared_build,
+        "shared_diff_build": "diff" in all_modes,
         "how": "each net in a fresh process (python -m redseg.experiments.benchmark --memory-child): "
         f"{cfg.warmup} warm-up + {cfg.repeats} timed iterations (train nets: solver.step(1); deploy: forward), "
         "then its peak resident memory (getrusage ru_maxrss); shared: the patched Caffe's default, own: "
-        f"{SHARED_COL_ENV}=0 (one buffer per layer, as upstream)",
+        f"{SHARED_COL_ENV}=0 (one buffer per layer, as upstream); diff: shared im2col buffer and "
+        f"{SHARED_DIFF_ENV}=1 (blob diffs share memory by liveness in backward); shared and own run with "
+        f"{SHARED_DIFF_ENV}=0",
         "nets": {},
     }
     if not shared_build:
         result["note"] = "this Caffe has no shared im2col buffer (make setup SHARED_COL=0, or CAFFE_ROOT): own only"
     for i, (name, spec) in enumerate(specs.items()):
         entry: dict = {"gpu_estimate": None}
-        runs: dict[str, list[dict]] = {m: [] for m in modes}
+        runs: dict[str, list[dict]] = {m: [] for m in all_modes}
         for r in range(cfg.memory_rounds):
-            order = modes if (i + r) % 2 == 0 else tuple(reversed(modes))  # alternate which goes first
+            order = all_modes if (i + r) % 2 == 0 else tuple(reversed(all_modes))  # alternate which goes first
             for mode in order:
                 log.info(
-                    "memory: %s at %dx%d, %s im2col buffer (round %d of %d)",
+                    "memory: %s at %dx%d, %s (round %d of %d)",
                     name, cfg.size[1], cfg.size[0], mode, r + 1, cfg.memory_rounds,
                 )  # fmt: skip
-                runs[mode].append(_run_child({**spec, **common}, shared=mode == "shared"))
+                runs[mode].append(
+                    _run_child({**spec, **common}, shared=mode in ("shared", "diff"), diff=mode == "diff")
+                )
         for mode, children in runs.items():
             peak = max(c["peak_rss_mb"] for c in children)
             start_rss = min(c["start_rss_mb"] for c in children)
@@ -808,6 +826,11 @@ def run_memory_benchmark(cfg: BenchConfig, data_root: Path, workdir: Path) -> di
             )
             entry["ratio"] = round(entry["own"]["peak_rss_mb"] / entry["shared"]["peak_rss_mb"], 2)
             entry["speed_ratio"] = round(entry["shared"]["seconds"]["median"] / entry["own"]["seconds"]["median"], 3)
+        if "diff" in entry:
+            entry["saved_diff_mb"] = round(entry["shared"]["peak_rss_mb"] - entry["diff"]["peak_rss_mb"], 1)
+            entry["speed_ratio_diff"] = round(
+                entry["diff"]["seconds"]["median"] / entry["shared"]["seconds"]["median"], 3
+            )
         result["nets"][name] = entry
         gc.collect()
     # The deploy net at other sizes, for the largest photograph within the budget.
@@ -1039,7 +1062,7 @@ def format_memory(mem: dict | None, size) -> list[str]:
         lines.append(f"  {mem['note']}")
     lines.append(
         f"  {'net':8s} {'shared':>9s} {'own':>9s} {'saved':>9s} {'paper':>9s} {'own/shared':>10s}"
-        f" {'s shared':>9s} {'s own':>9s}"
+        f" {'s shared':>9s} {'s own':>9s}" + (f" {'diff':>9s} {'s diff':>9s}" if mem.get("shared_diff_build") else "")
     )
     for name, e in mem["nets"].items():
 
@@ -1055,11 +1078,17 @@ def format_memory(mem: dict | None, size) -> list[str]:
         lines.append(
             f"  {name:8s} {cell('shared', 'peak_rss_mb')} {cell('own', 'peak_rss_mb')} {saved} {paper} {ratio}"
             f" {secs('shared')} {secs('own')}"
+            + (f" {cell('diff', 'peak_rss_mb')} {secs('diff')}" if mem.get("shared_diff_build") else "")
         )
     lines.append(
         "  (paper: the im2col buffers' sum minus the largest one, from the blob shapes; in a train net it counts "
         "the 1x1 convolutions' buffers, which upstream allocates in the backward pass but never writes)"
     )
+    if mem.get("shared_diff_build"):
+        lines.append(
+            "  (diff: the shared im2col buffer and REDSEG_SHARED_DIFF=1, the blob diffs sharing memory by liveness in "
+            "backward, as the training driver builds its nets; shared and own: REDSEG_SHARED_DIFF=0)"
+        )
     big = mem.get("largest_photograph") or {}
     for mode in ("shared", "own"):
         b = big.get(mode)

@@ -11,9 +11,10 @@ all. ``tools/setup.sh`` therefore tries a chain of sources (docs/install.md):
 
 Whatever the source, one patch set (:data:`PATCHES`) makes it build with today's toolchains, and
 by default (``SHARED_COL=1``) :data:`SHARED_COL_PATCHES` make the convolution layers of a thread
-share one im2col buffer (:func:`patch_set`). The patches are edits this project wrote, each
-checked after it is applied, and each recognises a tree that already has it, so they apply to the
-1.0 release, to the last upstream commit and to Debian's tree alike.
+share one im2col buffer, and (``SHARED_DIFF=1``) :data:`SHARED_DIFF_PATCHES` let a net's blob diffs
+share memory by liveness when ``REDSEG_SHARED_DIFF=1`` (:func:`patch_set`). The patches are edits
+this project wrote, each checked after it is applied, and each recognises a tree that already has
+it, so they apply to the 1.0 release, to the last upstream commit and to Debian's tree alike.
 
 This module is used by ``tools/setup.sh`` through its command line (``python -m
 redseg.toolchain.caffe_source ...``) and needs nothing beyond the standard library and redseg.fileio.
@@ -430,6 +431,244 @@ def _shared_col_source(text: str) -> str | None:
     return text
 
 
+# --- shared diff memory (SHARED_DIFF) ---------------------------------------------------------------
+# Upstream, every blob of a net keeps its own diff, written in backward and kept afterwards: for
+# Red-Seg's stage-1 train net at 1072x712 about 1.4 GB, as much as the activations. A blob's diff
+# is only needed from the backward step of the layer that consumes the blob (which writes it) to
+# the backward step of the layer that produced it (which reads it): a live interval in the
+# backward pass. These edits let blobs whose intervals do not overlap keep their diffs in the same
+# memory (memory planning by liveness, as MXNet's planner does), written anew for this project.
+# Off unless REDSEG_SHARED_DIFF=1 when the Net is constructed: with it on, the diffs of the
+# intermediate blobs are not kept after backward (the parameters' diffs are untouched).
+_SHARED_DIFF_MARK = "Red-Seg shared diff memory"
+
+_SHARED_DIFF_MEMBERS = """\
+  // Red-Seg shared diff memory (added by Red-Seg's make setup; docs/install.md): with
+  // REDSEG_SHARED_DIFF=1 at construction, the diffs of the blobs in shared_diff_blobs_ live in
+  // the buffers of shared_diff_pool_ (blob i in buffer shared_diff_slot_[i]), bound before each
+  // backward pass (net.cpp).
+  void PlanSharedDiffs();
+  void BindSharedDiffs();
+  vector<int> shared_diff_blobs_;
+  vector<int> shared_diff_slot_;
+  vector<shared_ptr<Blob<Dtype> > > shared_diff_pool_;
+  vector<int> shared_diff_capacity_;
+"""
+
+_SHARED_DIFF_PLAN = """\
+// --- Red-Seg shared diff memory (added by Red-Seg's make setup; docs/install.md) --------------
+// Upstream, every blob keeps its own diff. In a backward pass (layers last to first) a blob's
+// diff is written by the Backward of the layer(s) that take it as bottom and last read by the
+// Backward of the layer that produced it as top: between those steps it is live, outside them
+// its content is never used again by the net. Blobs whose live intervals do not overlap can
+// keep their diffs in the same memory; with REDSEG_SHARED_DIFF=1 when the net is constructed,
+// PlanSharedDiffs assigns the diffs to a few buffers by interval colouring (best fit by size)
+// and BindSharedDiffs points the blobs' diffs at them before every backward pass, growing a
+// buffer to its largest blob's current shape (the net may have been reshaped since).
+//
+// Same arithmetic. A blob shares only if every layer that writes its diff overwrites all of it
+// without reading it first (no accumulation), so what was in the memory before never reaches a
+// result. Checked layer by layer in this source (CPU, GPU and cuDNN): Convolution (a beta = 0
+// GEMM, then col2im, which zeroes its output; 1x1: the GEMM alone), Deconvolution (a beta = 0
+// GEMM), ReLU, Sigmoid, TanH and Dropout (elementwise assignment; in place too), Pooling (zeroed,
+// then accumulated), Concat (each bottom copied whole), Eltwise (copy, scale or assignment),
+// Split (caffe_add of its first two tops, then axpy) and Crop (bottom 0: zeroed, then copied).
+// Crop's second bottom (the reference shape) is never written; Python layers may accumulate
+// (bottom.diff[...] += ...) and other layer types may alias diffs (Flatten, Reshape): blobs
+// they write, and blobs they produce, keep their own diff. So do blobs that do not need
+// backward, the net's inputs and outputs, and loss tops (whose diff holds the loss weight).
+static bool RedSegDiffWriter(const string& type, int bottom_id) {
+  if (type == "Crop") {
+    return bottom_id == 0;
+  }
+  return type == "Convolution" || type == "Deconvolution" || type == "ReLU" ||
+      type == "Sigmoid" || type == "TanH" || type == "Dropout" ||
+      type == "Pooling" || type == "Concat" || type == "Eltwise" ||
+      type == "Split";
+}
+
+template <typename Dtype>
+void Net<Dtype>::PlanSharedDiffs() {
+  const int num_blobs = blobs_.size();
+  const int num_layers = layers_.size();
+  vector<int> producer(num_blobs, -1);  // lowest layer with the blob as top
+  vector<int> consumer(num_blobs, -1);  // highest layer with the blob as bottom
+  vector<bool> ok(num_blobs, true);
+  for (int i = 0; i < num_layers; ++i) {
+    const string type = layers_[i]->type();
+    for (int j = 0; j < bottom_id_vecs_[i].size(); ++j) {
+      const int b = bottom_id_vecs_[i][j];
+      consumer[b] = std::max(consumer[b], i);
+      if (!layer_need_backward_[i] || !bottom_need_backward_[i][j] ||
+          !RedSegDiffWriter(type, j)) {
+        ok[b] = false;
+      }
+    }
+    for (int k = 0; k < top_id_vecs_[i].size(); ++k) {
+      const int b = top_id_vecs_[i][k];
+      if (producer[b] < 0) {
+        producer[b] = i;
+      }
+      if (layers_[i]->loss(k) != Dtype(0) || !RedSegDiffWriter(type, 0)) {
+        ok[b] = false;
+      }
+    }
+  }
+  for (int i = 0; i < net_input_blob_indices_.size(); ++i) {
+    ok[net_input_blob_indices_[i]] = false;
+  }
+  for (int i = 0; i < net_output_blob_indices_.size(); ++i) {
+    ok[net_output_blob_indices_[i]] = false;
+  }
+  // Eligible blobs in the order their diffs come alive in backward (highest consumer first).
+  vector<std::pair<int, int> > order;
+  for (int b = 0; b < num_blobs; ++b) {
+    if (ok[b] && producer[b] >= 0 && consumer[b] > producer[b] &&
+        blob_need_backward_[b] && blob_loss_weights_[b] == Dtype(0)) {
+      order.push_back(std::make_pair(-consumer[b], b));
+    }
+  }
+  std::sort(order.begin(), order.end());
+  // Interval colouring: a buffer is free for blob b once its last blob's producer ran (a lower
+  // layer index than b's consumer); among the free ones the smallest that fits, else the largest.
+  vector<int> slot_busy_from;  // producer of the buffer's last blob
+  vector<int> slot_count;
+  for (int n = 0; n < order.size(); ++n) {
+    const int b = order[n].second;
+    const int count = blobs_[b]->count();
+    int best = -1;
+    for (int s = 0; s < slot_count.size(); ++s) {
+      if (slot_busy_from[s] <= consumer[b]) {
+        continue;  // still live during b's interval
+      }
+      if (best < 0) {
+        best = s;
+      } else if (slot_count[best] >= count) {
+        if (slot_count[s] >= count && slot_count[s] < slot_count[best]) best = s;
+      } else if (slot_count[s] > slot_count[best]) {
+        best = s;
+      }
+    }
+    if (best < 0) {
+      best = slot_count.size();
+      slot_count.push_back(0);
+      slot_busy_from.push_back(num_layers);
+    }
+    slot_count[best] = std::max(slot_count[best], count);
+    slot_busy_from[best] = producer[b];
+    shared_diff_blobs_.push_back(b);
+    shared_diff_slot_.push_back(best);
+  }
+  for (int s = 0; s < slot_count.size(); ++s) {
+    shared_diff_pool_.push_back(shared_ptr<Blob<Dtype> >(new Blob<Dtype>()));
+    shared_diff_capacity_.push_back(0);
+  }
+  size_t own = 0, shared = 0;
+  for (int n = 0; n < shared_diff_blobs_.size(); ++n) {
+    own += blobs_[shared_diff_blobs_[n]]->count();
+  }
+  for (int s = 0; s < slot_count.size(); ++s) {
+    shared += slot_count[s];
+  }
+  LOG_IF(INFO, Caffe::root_solver()) << "Red-Seg shared diff memory: "
+      << shared_diff_blobs_.size() << " blob diffs in " << slot_count.size()
+      << " buffers, " << shared * sizeof(Dtype) << " bytes instead of "
+      << own * sizeof(Dtype);
+}
+
+template <typename Dtype>
+void Net<Dtype>::BindSharedDiffs() {
+  if (shared_diff_blobs_.empty()) {
+    return;
+  }
+  // First every buffer to its largest blob's current count, then the blobs onto the buffers
+  // (a buffer that grows gets new memory: no blob may be bound to the old one).
+  vector<int> need(shared_diff_pool_.size(), 0);
+  for (int n = 0; n < shared_diff_blobs_.size(); ++n) {
+    const int s = shared_diff_slot_[n];
+    need[s] = std::max(need[s], blobs_[shared_diff_blobs_[n]]->count());
+  }
+  for (int s = 0; s < shared_diff_pool_.size(); ++s) {
+    if (need[s] > shared_diff_capacity_[s]) {
+      shared_diff_pool_[s]->Reshape(vector<int>(1, need[s]));
+      shared_diff_capacity_[s] = need[s];
+    }
+  }
+  for (int n = 0; n < shared_diff_blobs_.size(); ++n) {
+    Blob<Dtype>* blob = blobs_[shared_diff_blobs_[n]].get();
+    if (blob->count() == 0) {
+      continue;
+    }
+    Blob<Dtype>* buffer = shared_diff_pool_[shared_diff_slot_[n]].get();
+    buffer->Reshape(blob->shape());  // within its capacity: the same memory
+    blob->ShareDiff(*buffer);
+  }
+}
+
+"""
+
+_SHARED_DIFF_INIT = """\
+  // Red-Seg shared diff memory: only with REDSEG_SHARED_DIFF=1 (the diffs of intermediate blobs
+  // are then not kept after backward).
+  const char* shared_diff = std::getenv("REDSEG_SHARED_DIFF");
+  if (shared_diff && std::string(shared_diff) == "1") {
+    PlanSharedDiffs();
+  }
+"""
+
+_SHARED_DIFF_BACKWARD = """\
+  BindSharedDiffs();  // Red-Seg shared diff memory (nothing unless REDSEG_SHARED_DIFF=1)
+"""
+
+# Blob::Reshape: a blob whose diff shares memory (ShareDiff) and grows within its capacity gets
+# its own diff again when the shared memory is too small, instead of running past its end.
+_SHARED_DIFF_RESHAPE = """\
+  } else if (diff_ && diff_->size() < count_ * sizeof(Dtype)) {
+    // Red-Seg shared diff memory: a diff shared with a smaller blob, too small now: its own again.
+    diff_.reset(new SyncedMemory(capacity_ * sizeof(Dtype)));
+"""
+
+
+def _shared_diff_header(text: str) -> str | None:
+    if _SHARED_DIFF_MARK in text:
+        return None if "void BindSharedDiffs();" in text else ""
+    old = "  bool debug_info_;\n"
+    if text.count(old) != 1:
+        return ""
+    return text.replace(old, old + _SHARED_DIFF_MEMBERS)
+
+
+def _shared_diff_source(text: str) -> str | None:
+    if _SHARED_DIFF_MARK in text:
+        done = "void Net<Dtype>::PlanSharedDiffs()" in text and text.count("BindSharedDiffs();") == 1
+        return None if done and 'std::getenv("REDSEG_SHARED_DIFF")' in text else ""
+    for pattern, insert, before in (
+        (re.compile(r"(?=#include <map>\n)"), "#include <cstdlib>\n", True),
+        (re.compile(r"(?=INSTANTIATE_CLASS\(Net\);\n)"), _SHARED_DIFF_PLAN, True),
+        (re.compile(r"  debug_info_ = param\.debug_info\(\);\n"), _SHARED_DIFF_INIT, False),
+        (
+            re.compile(r"void Net<Dtype>::BackwardFromTo\(int start, int end\) \{\n(?:  CHECK_[A-Z]+\([^;]*\);\n)+"),
+            _SHARED_DIFF_BACKWARD,
+            False,
+        ),
+    ):
+        m = list(pattern.finditer(text))
+        if len(m) != 1:
+            return ""
+        at = m[0].start() if before else m[0].end()
+        text = text[:at] + insert + text[at:]
+    return text
+
+
+def _shared_diff_blob(text: str) -> str | None:
+    if _SHARED_DIFF_MARK in text:
+        return None if "diff_->size() < count_ * sizeof(Dtype)" in text else ""
+    old = "    diff_.reset(new SyncedMemory(capacity_ * sizeof(Dtype)));\n  }\n}\n"
+    if text.count(old) != 1:
+        return ""
+    return text.replace(old, old[: -len("  }\n}\n")] + _SHARED_DIFF_RESHAPE + "  }\n}\n")
+
+
 PATCHES = (
     Patch(
         "protobuf-3.21",
@@ -469,6 +708,29 @@ SHARED_COL_PATCHES = (
 )
 
 
+# What SHARED_DIFF=1 (the default) adds: blob diffs sharing memory by liveness (REDSEG_SHARED_DIFF=1).
+SHARED_DIFF_PATCHES = (
+    Patch(
+        "shared-diff-decl",
+        "include/caffe/net.hpp",
+        "shared diff memory: the net's plan and buffers",
+        _shared_diff_header,
+    ),
+    Patch(
+        "shared-diff",
+        "src/caffe/net.cpp",
+        "shared diff memory: blob diffs whose backward live intervals do not overlap share buffers",
+        _shared_diff_source,
+    ),
+    Patch(
+        "shared-diff-reshape",
+        "src/caffe/blob.cpp",
+        "shared diff memory: a blob grown past its shared diff's memory gets its own diff again",
+        _shared_diff_blob,
+    ),
+)
+
+
 def shared_col_default() -> bool:
     """``SHARED_COL`` from the environment (``make setup SHARED_COL=0``): 1 (the default) or 0."""
     value = os.environ.get("SHARED_COL", "1").strip() or "1"
@@ -477,18 +739,28 @@ def shared_col_default() -> bool:
     return value == "1"
 
 
-def patch_set(shared_col: bool = True) -> tuple[Patch, ...]:
-    """The patches a build gets: the build fixes, and with ``shared_col`` the shared im2col buffer."""
-    return PATCHES + (SHARED_COL_PATCHES if shared_col else ())
+def shared_diff_default() -> bool:
+    """``SHARED_DIFF`` from the environment (``make setup SHARED_DIFF=0``): 1 (the default) or 0."""
+    value = os.environ.get("SHARED_DIFF", "1").strip() or "1"
+    if value not in ("0", "1"):
+        raise SourceError(f"SHARED_DIFF={value}: give 1 (blob diffs may share memory, the default) or 0 (upstream's)")
+    return value == "1"
 
 
-def patchset_id(shared_col: bool = True) -> str:
+def patch_set(shared_col: bool = True, shared_diff: bool = True) -> tuple[Patch, ...]:
+    """The patches a build gets: the build fixes, with ``shared_col`` the shared im2col buffer,
+    with ``shared_diff`` the shared diff memory."""
+    return PATCHES + (SHARED_COL_PATCHES if shared_col else ()) + (SHARED_DIFF_PATCHES if shared_diff else ())
+
+
+def patchset_id(shared_col: bool = True, shared_diff: bool = True) -> str:
     """A short hash of what the patches do, part of the build cache key (new patches, new build).
 
     It covers each patch's name, file and code and the text it inserts, not the explanations, so
     rewording a comment does not force a rebuild. Without the shared im2col buffer it is the id of
     the build fixes alone (the id builds had before that patch existed), so ``SHARED_COL=0`` and
-    the default are two builds side by side in the cache.
+    the default are two builds side by side in the cache; likewise without the shared diff memory
+    it is the id the build had before that patch existed.
     """
     h = hashlib.sha256()
     for p in PATCHES:
@@ -505,14 +777,25 @@ def patchset_id(shared_col: bool = True) -> str:
             _SHARED_COL_SETUP,
         )
         h.update(f"{_SHARED_COL_MARK}{_COL_USES}{''.join(inserted)}".encode())
+    if shared_diff:
+        for p in SHARED_DIFF_PATCHES:
+            h.update(f"{p.name}\0{p.file}\0{inspect.getsource(p.apply)}".encode())
+        inserted = (
+            _SHARED_DIFF_MEMBERS,
+            _SHARED_DIFF_PLAN,
+            _SHARED_DIFF_INIT,
+            _SHARED_DIFF_BACKWARD,
+            _SHARED_DIFF_RESHAPE,
+        )
+        h.update(f"{_SHARED_DIFF_MARK}{''.join(inserted)}".encode())
     return h.hexdigest()[:8]
 
 
-def apply_patches(root: Path, shared_col: bool = True) -> list[str]:
+def apply_patches(root: Path, shared_col: bool = True, shared_diff: bool = True) -> list[str]:
     """Apply :func:`patch_set` to the tree at ``root``; return the names applied (not already there)."""
     root = Path(root)
     done = []
-    for p in patch_set(shared_col):
+    for p in patch_set(shared_col, shared_diff):
         f = root / p.file
         if not f.is_file():
             raise SourceError(f"patch {p.name}: {f} not found; is {root} a BVLC Caffe tree?")
@@ -539,10 +822,19 @@ def _shared_col_option(parser: argparse.ArgumentParser) -> None:
         choices=("0", "1"),
         help="1: with the shared im2col buffer, 0: without (default: $SHARED_COL, else 1)",
     )
+    parser.add_argument(
+        "--shared-diff",
+        choices=("0", "1"),
+        help="1: with the shared diff memory, 0: without (default: $SHARED_DIFF, else 1)",
+    )
 
 
 def _shared_col(args: argparse.Namespace) -> bool:
     return shared_col_default() if args.shared_col is None else args.shared_col == "1"
+
+
+def _shared_diff(args: argparse.Namespace) -> bool:
+    return shared_diff_default() if args.shared_diff is None else args.shared_diff == "1"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -590,12 +882,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "download":
             download(args.url, args.dest, args.digest)
         elif args.cmd == "patch":
-            applied = apply_patches(args.root, _shared_col(args))
+            applied = apply_patches(args.root, _shared_col(args), _shared_diff(args))
             print(f"patches applied: {', '.join(applied) or 'none needed'}", file=sys.stderr)
         elif args.cmd == "digest":
             print(tree_digest(args.root))
         elif args.cmd == "patchset":
-            print(patchset_id(_shared_col(args)))
+            print(patchset_id(_shared_col(args), _shared_diff(args)))
     except SourceError as e:
         print(f"setup: ERROR: {e}", file=sys.stderr)
         return 1

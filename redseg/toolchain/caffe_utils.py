@@ -7,6 +7,7 @@ the file and what to do.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -93,6 +94,42 @@ def caffe_shared_col() -> bool:
         except OSError:
             continue
     return False
+
+
+# The runtime switch of the shared diff memory (make setup's patch, docs/install.md): "1" in the
+# environment when a Net is constructed lets the diffs of its intermediate blobs share memory by
+# liveness in backward; they are then not kept after backward. Off unless set (pycaffe users, the
+# gradient tests and tools/grad_study.py read blob diffs after backward); the training driver
+# turns it on for the nets it builds (shared_diffs) unless the environment already says 0.
+SHARED_DIFF_ENV = "REDSEG_SHARED_DIFF"
+
+
+def caffe_shared_diff() -> bool:
+    """Whether the imported Caffe has the project's shared diff memory (its library reads
+    ``REDSEG_SHARED_DIFF``); False for a build made with ``make setup SHARED_DIFF=0`` or another Caffe."""
+    caffe = import_caffe()
+    lib_dir = Path(caffe.__file__).resolve().parents[2] / "build" / "lib"
+    for f in [Path(caffe.__file__).parent / "_caffe.so", *sorted(lib_dir.glob("libcaffe.so*"))]:
+        try:
+            if SHARED_DIFF_ENV.encode() in f.read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@contextlib.contextmanager
+def shared_diffs():
+    """Nets constructed inside share their intermediate blobs' diff memory (REDSEG_SHARED_DIFF=1),
+    unless the environment already sets REDSEG_SHARED_DIFF (=0: the user opted out)."""
+    if SHARED_DIFF_ENV in os.environ:
+        yield
+        return
+    os.environ[SHARED_DIFF_ENV] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(SHARED_DIFF_ENV, None)
 
 
 def _visible_gpus() -> int | None:

@@ -48,6 +48,7 @@ from redseg.toolchain.caffe_utils import (
     check_weights,
     import_caffe,
     set_mode,
+    shared_diffs,
 )
 
 log = logging.getLogger(__name__)
@@ -248,7 +249,8 @@ class TestLoss:
 
     def __call__(self) -> dict:
         t0 = time.perf_counter()
-        net = self.caffe.Net(str(test_loss_net_path(self.run)), self.caffe.TEST)
+        with shared_diffs():  # forward only: no diff is ever written (docs/install.md)
+            net = self.caffe.Net(str(test_loss_net_path(self.run)), self.caffe.TEST)
         try:
             net.share_with(self.solver.net)
             topk = _topk_layers(net)
@@ -586,7 +588,10 @@ def _train(run: StageRun, stop: StopSignals, n_samples: int) -> Path:
     caffe = set_mode(run.gpu)
     shutil.rmtree(staging_dir(run), ignore_errors=True)  # what a kill left mid-snapshot: never trusted
     solver_path = materialise(run)
-    solver = caffe.get_solver(str(solver_path))
+    # The train net's intermediate blob diffs share memory by liveness in backward (the shared
+    # diff memory, docs/install.md; REDSEG_SHARED_DIFF=0 opts out): nothing here reads them.
+    with shared_diffs():
+        solver = caffe.get_solver(str(solver_path))
     net = solver.net
     resume = None
     if run.resume == "auto":

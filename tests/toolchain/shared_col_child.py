@@ -6,8 +6,9 @@ layer is set up; redseg/toolchain/caffe_source.py).
         the package's own training driver (redseg.training.train.train_stage, the demo schedule,
         from scratch, MAX_ITER iterations, the test-loss net sharing the weights as in training),
         recording after every backward pass each loss and a digest of every parameter's
-        gradient; then the deploy net (redseg.deploy.inference.Segmenter) on the set's test
-        images with the final weights. Writes the record and the maps to OUT.npz.
+        gradient and weights (before that iteration's update); then the deploy net
+        (redseg.deploy.inference.Segmenter) on the set's test images with the final weights.
+        Writes the record and the maps to OUT.npz.
     python shared_col_child.py memory SIZE
         a net of 3x3, dilated, strided, grouped and 1x1 convolutions and a deconvolution at
         SIZE x SIZE; one forward + backward pass; prints JSON: its peak resident memory above the
@@ -55,6 +56,7 @@ def train(data: Path, run_dir: Path, out: Path, stage: int = 1, max_iter: int = 
     caffe.set_mode_cpu()
     losses: list[list[float]] = []
     grads: list[list[str]] = []
+    datas: list[list[str]] = []
     names: list[str] = []
     get_solver = caffe.get_solver
 
@@ -68,6 +70,7 @@ def train(data: Path, run_dir: Path, out: Path, stage: int = 1, max_iter: int = 
             if i == 0:  # the last layer of the backward pass: the diffs are this iteration's gradients
                 losses.append([net.blobs[b].data.item() for b in loss_blobs])
                 grads.append([digest(p.diff) for blobs in net.params.values() for p in blobs])
+                datas.append([digest(p.data) for blobs in net.params.values() for p in blobs])
 
         net.after_backward(after_backward)
         return solver
@@ -97,6 +100,7 @@ def train(data: Path, run_dir: Path, out: Path, stage: int = 1, max_iter: int = 
         out,
         losses=np.asarray(losses, dtype=np.float64),
         grads=np.asarray(grads),
+        datas=np.asarray(datas),
         params=np.asarray(names),
         weights=np.frombuffer(final.read_bytes(), dtype=np.uint8),
         **maps,

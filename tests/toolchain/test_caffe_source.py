@@ -76,11 +76,13 @@ def test_digest_ignores_packing_and_build_folders_but_not_content(tmp_path):
 def test_the_patch_set_reproduces_the_built_tree(built, pristine, tmp_path):
     tree = tmp_path / "t"
     shutil.copytree(pristine, tree)
-    shared_col = f"-p{cs.patchset_id(shared_col=False)}-" not in built.name  # built with SHARED_COL=0?
-    applied = cs.apply_patches(tree, shared_col=shared_col)
+    # built with SHARED_COL=0 or SHARED_DIFF=0? The build folder's name holds its patch set's id.
+    ways = [(col, diff) for col in (True, False) for diff in (True, False)]
+    shared_col, shared_diff = next(w for w in ways if f"-p{cs.patchset_id(*w)}-" in built.name)
+    applied = cs.apply_patches(tree, shared_col=shared_col, shared_diff=shared_diff)
     # protobuf >= 3.21 is what every supported system has: that patch is always needed upstream.
     assert "protobuf-3.21" in applied
-    assert cs.apply_patches(tree, shared_col=shared_col) == []  # idempotent
+    assert cs.apply_patches(tree, shared_col=shared_col, shared_diff=shared_diff) == []  # idempotent
     text = (tree / "src/caffe/util/io.cpp").read_text()
     assert "SetTotalBytesLimit(kProtoReadBytesLimit)" in text
     assert "prop.clockRate" not in (tree / "src/caffe/common.cpp").read_text()

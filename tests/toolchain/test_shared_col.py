@@ -37,7 +37,7 @@ HPP = "include/caffe/layers/base_conv_layer.hpp"
 def test_the_patch_is_in_the_default_patch_set_and_its_cache_key(monkeypatch):
     assert SHARED_COL_NAMES <= {p.name for p in cs.patch_set()}
     assert not SHARED_COL_NAMES & {p.name for p in cs.patch_set(shared_col=False)}
-    assert cs.patch_set(shared_col=False) == cs.PATCHES
+    assert cs.patch_set(shared_col=False, shared_diff=False) == cs.PATCHES
     assert cs.patchset_id() == cs.patchset_id(shared_col=True) != cs.patchset_id(shared_col=False)
     # The C++ the patch inserts is part of the key; the key without the patch does not depend on it
     # (it is the key of the build fixes alone, as builds made before the patch existed have).
@@ -213,6 +213,10 @@ def test_the_benchmark_measures_each_net_both_ways(shared_caffe, tmp_path):
     assert big["shared"]["max_pixels"] > 1.5 * big["own"]["max_pixels"]
     gpu = mem["gpu_estimate_stage1"]
     assert gpu["shared"]["gib"] < gpu["own"]["gib"] and gpu["shared"]["smallest_card_gb"] == 8
+    if mem["shared_diff_build"]:  # and with shared blob diffs (tests/toolchain/test_shared_diff.py)
+        stage1 = mem["nets"]["stage1"]
+        assert stage1["diff"]["peak_rss_mb"] < stage1["shared"]["peak_rss_mb"] and stage1["saved_diff_mb"] > 0
+        assert mem["nets"]["deploy"]["diff"]["seconds"]["n"] == 1
     assert "Memory at 128x96" in r.stdout
 
 
