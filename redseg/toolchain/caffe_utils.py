@@ -99,7 +99,7 @@ def caffe_shared_col() -> bool:
 # The runtime switch of the shared diff memory (make setup's patch, docs/install.md): "1" in the
 # environment when a Net is constructed lets the diffs of its intermediate blobs share memory by
 # liveness in backward; they are then not kept after backward. Off unless set (pycaffe users, the
-# gradient tests and tools/grad_study.py read blob diffs after backward); the training driver
+# gradient tests and redseg/training/grad_study.py read blob diffs after backward); the training driver
 # turns it on for the nets it builds (shared_diffs) unless the environment already says 0.
 SHARED_DIFF_ENV = "REDSEG_SHARED_DIFF"
 
