@@ -125,3 +125,20 @@ def smoke_crossdata(tmp_path_factory) -> tuple[Path, dict]:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return run, json.loads((run / "crossdata.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def built(caffe) -> Path:
+    """The build folder of the Caffe these tests import (``<cache>/caffe-<key>/``)."""
+    build = Path(caffe.__file__).resolve().parents[3]
+    if not (build / "source.tar.gz").is_file():
+        pytest.skip(f"{build} was not built by this project's make setup (no source.tar.gz): CAFFE_ROOT in use")
+    return build
+
+
+@pytest.fixture(scope="session")
+def pristine(built, tmp_path_factory) -> Path:
+    """The unpatched Caffe source tree of that build, unpacked (the patch tests copy it)."""
+    from redseg.toolchain import caffe_source
+
+    return caffe_source.unpack(built / "source.tar.gz", tmp_path_factory.mktemp("pristine") / "t")

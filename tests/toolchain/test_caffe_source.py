@@ -21,21 +21,6 @@ from redseg.toolchain import caffe_source as cs
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def built(caffe) -> Path:
-    """The build folder of the Caffe these tests import (``<cache>/caffe-<key>/``)."""
-    build = Path(caffe.__file__).resolve().parents[3]
-    if not (build / "source.tar.gz").is_file():
-        pytest.skip(f"{build} was not built by this project's make setup (no source.tar.gz): CAFFE_ROOT in use")
-    return build
-
-
-@pytest.fixture(scope="module")
-def pristine(built, tmp_path_factory) -> Path:
-    """The unpatched source tree, unpacked."""
-    return cs.unpack(built / "source.tar.gz", tmp_path_factory.mktemp("pristine") / "t")
-
-
 def _setup(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     """tools/setup.sh up to the patched source only, in a private cache."""
     e = {**os.environ, "REDSEG_CACHE": str(tmp_path / "cache"), "SETUP_SOURCE_ONLY": "1", **env}

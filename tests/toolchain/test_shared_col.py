@@ -53,19 +53,6 @@ def test_the_patch_is_in_the_default_patch_set_and_its_cache_key(monkeypatch):
         cs.shared_col_default()
 
 
-@pytest.fixture(scope="module")
-def built(caffe) -> Path:
-    build = Path(caffe.__file__).resolve().parents[3]
-    if not (build / "source.tar.gz").is_file():
-        pytest.skip(f"{build} was not built by this project's make setup (no source.tar.gz): CAFFE_ROOT in use")
-    return build
-
-
-@pytest.fixture(scope="module")
-def pristine(built, tmp_path_factory) -> Path:
-    return cs.unpack(built / "source.tar.gz", tmp_path_factory.mktemp("pristine") / "t")
-
-
 def test_the_patch_applies_once_and_is_checked(pristine, tmp_path):
     tree = tmp_path / "t"
     shutil.copytree(pristine, tree)
