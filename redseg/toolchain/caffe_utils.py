@@ -62,18 +62,23 @@ def set_mode(gpu: int | None):
     return caffe
 
 
-def caffe_has_cuda() -> bool:
-    """Whether the imported Caffe library was compiled with CUDA (it links libcudart)."""
+def _library_mentions(token: bytes) -> bool:
+    """Whether the imported Caffe's Python module or shared library holds ``token`` (a symbol or a
+    string compiled in): how a build's CUDA and its memory patches are told apart without a GPU."""
     caffe = import_caffe()
-    so = Path(caffe.__file__).parent / "_caffe.so"
     lib_dir = Path(caffe.__file__).resolve().parents[2] / "build" / "lib"
-    for f in [so, *lib_dir.glob("libcaffe.so*")]:
+    for f in [Path(caffe.__file__).parent / "_caffe.so", *sorted(lib_dir.glob("libcaffe.so*"))]:
         try:
-            if b"cudaGetDeviceCount" in f.read_bytes():
+            if token in f.read_bytes():
                 return True
         except OSError:
             continue
     return False
+
+
+def caffe_has_cuda() -> bool:
+    """Whether the imported Caffe library was compiled with CUDA (it links libcudart)."""
+    return _library_mentions(b"cudaGetDeviceCount")
 
 
 # The runtime switch of the shared im2col buffer (make setup's default patch, docs/install.md): "0"
@@ -85,15 +90,7 @@ SHARED_COL_ENV = "REDSEG_SHARED_COL"
 def caffe_shared_col() -> bool:
     """Whether the imported Caffe has the project's shared im2col buffer (its library reads
     ``REDSEG_SHARED_COL``); False for a build made with ``make setup SHARED_COL=0`` or another Caffe."""
-    caffe = import_caffe()
-    lib_dir = Path(caffe.__file__).resolve().parents[2] / "build" / "lib"
-    for f in [Path(caffe.__file__).parent / "_caffe.so", *sorted(lib_dir.glob("libcaffe.so*"))]:
-        try:
-            if SHARED_COL_ENV.encode() in f.read_bytes():
-                return True
-        except OSError:
-            continue
-    return False
+    return _library_mentions(SHARED_COL_ENV.encode())
 
 
 # The runtime switch of the shared diff memory (make setup's patch, docs/install.md): "1" in the
@@ -107,15 +104,7 @@ SHARED_DIFF_ENV = "REDSEG_SHARED_DIFF"
 def caffe_shared_diff() -> bool:
     """Whether the imported Caffe has the project's shared diff memory (its library reads
     ``REDSEG_SHARED_DIFF``); False for a build made with ``make setup SHARED_DIFF=0`` or another Caffe."""
-    caffe = import_caffe()
-    lib_dir = Path(caffe.__file__).resolve().parents[2] / "build" / "lib"
-    for f in [Path(caffe.__file__).parent / "_caffe.so", *sorted(lib_dir.glob("libcaffe.so*"))]:
-        try:
-            if SHARED_DIFF_ENV.encode() in f.read_bytes():
-                return True
-        except OSError:
-            continue
-    return False
+    return _library_mentions(SHARED_DIFF_ENV.encode())
 
 
 @contextlib.contextmanager
