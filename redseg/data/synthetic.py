@@ -69,6 +69,7 @@ DEFAULT_MA_RADIUS_AT_REF = (6.0, 9.0)  # full-size px at 1072 px width -> 1.5-2.
 DEFAULT_FOV_RADIUS = (0.405, 0.425)
 REFERENCE_FOV_DIAMETER = (DEFAULT_FOV_RADIUS[0] + DEFAULT_FOV_RADIUS[1]) * REFERENCE_WIDTH  # 889.76 px
 MARKER = "synthetic.json"  # written last at the root of a generated tree; marks it as ours
+GENERATOR_STAMP = "redseg.synthetic"  # its "generator": a data-format stamp, kept as trees on disk carry it
 FORMAT_VERSION = 1
 
 
@@ -622,6 +623,24 @@ def _write(path: Path, arr: np.ndarray, params: list[int] | None = None) -> None
     write_image(path, arr, params or ())
 
 
+def existing_tree(out: Path, settings: dict, force: bool) -> dict | None:
+    """The marker of an identical tree already at ``out`` (keep it), None to (re)build; raises
+    FileExistsError for anything that must not be replaced."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return None
+    marker = out / MARKER
+    old = read_json_object(marker)
+    if old is not None and old.get("settings") == json.loads(json.dumps(settings)) and not force:
+        log.info("already generated: %s (same settings)", out)
+        return old
+    if not force:
+        what = "a synthetic set with other settings" if old is not None else "not a synthetic set"
+        raise FileExistsError(f"{out} exists ({what}); use --force to replace a synthetic set")
+    if old is None or old.get("generator") != GENERATOR_STAMP:
+        raise FileExistsError(f"{out} exists and is not a synthetic set: refusing to delete it")
+    return None
+
+
 def generate_idrid_tree(
     out: str | Path,
     n_train: int = len(TRAIN_IDS),
@@ -652,17 +671,9 @@ def generate_idrid_tree(
         "n_test": n_test,
         "params": {**_params_dict(params), "ma_radius_resolved": list(params.resolved_ma_radius())},
     }
-    marker = out / MARKER
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):  # an empty folder is used
-        old = read_json_object(marker)
-        if old is not None and old.get("settings") == json.loads(json.dumps(settings)) and not force:
-            log.info("already generated: %s (same seed and parameters)", out)
-            return old
-        if not force:
-            what = "a synthetic set with other parameters" if old is not None else "not a synthetic set"
-            raise FileExistsError(f"{out} exists ({what}); use --force to replace a synthetic set")
-        if not marker.is_file():
-            raise FileExistsError(f"{out} exists and is not a synthetic set: refusing to delete it")
+    old = existing_tree(out, settings, force)
+    if old is not None:
+        return old
 
     no_he = _no_he_ids(train_ids, params.no_he_fraction, seed, 0) | _no_he_ids(test_ids, params.no_he_fraction, seed, 1)
     images = {}
@@ -689,7 +700,7 @@ def generate_idrid_tree(
                 "pixels": {k: int(m.sum()) for k, m in syn.masks.items()},
             }
         info = {
-            "generator": "redseg.synthetic",
+            "generator": GENERATOR_STAMP,
             "layout": "idrid",  # as every synthetic tree's marker (redseg/data/synthetic_layouts.py)
             "counts": {"train": n_train, "test": n_test},
             "settings": settings,

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 from collections.abc import Iterator
@@ -64,19 +63,21 @@ import numpy as np
 
 from redseg.config import DIARETDB1_TEST_IDS, DIARETDB1_TRAIN_IDS
 from redseg.data.synthetic import (
+    GENERATOR_STAMP,
     MARKER,
     SyntheticImage,
     SyntheticParams,
     _no_he_ids,
+    existing_tree,
     generate_idrid_tree,
     render_fundus,
 )
-from redseg.fileio import building_dir, read_json_object, write_bytes, write_image, write_json
+from redseg.fileio import building_dir, write_bytes, write_image, write_json
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-GENERATOR = "redseg.synthetic"
+GENERATOR = GENERATOR_STAMP
 
 
 @dataclass(frozen=True)
@@ -491,24 +492,6 @@ def parse_counts(text: str) -> dict[str, int]:
     return out
 
 
-def _existing(out: Path, settings: dict, force: bool) -> dict | None:
-    """The marker of an identical tree already at ``out`` (keep it), None to (re)build; raises
-    FileExistsError for anything that must not be replaced."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return None
-    marker = out / MARKER
-    old = read_json_object(marker)
-    if old is not None and old.get("settings") == json.loads(json.dumps(settings)) and not force:
-        log.info("already generated: %s (same layout, seed and counts)", out)
-        return old
-    if not force:
-        what = "a synthetic set with other settings" if old is not None else "not a synthetic set"
-        raise FileExistsError(f"{out} exists ({what}); use --force to replace a synthetic set")
-    if old is None or old.get("generator") != GENERATOR:
-        raise FileExistsError(f"{out} exists and is not a synthetic set: refusing to delete it")
-    return None
-
-
 def generate_layout(
     layout: str,
     out: str | Path,
@@ -545,7 +528,7 @@ def generate_layout(
     }
     if layout == "eophtha-ma":
         settings["top"] = top
-    old = _existing(out, settings, force)
+    old = existing_tree(out, settings, force)
     if old is not None:
         return old
 
