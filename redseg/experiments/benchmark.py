@@ -55,8 +55,10 @@ from redseg.toolchain import blas
 from redseg.toolchain.caffe_utils import (
     REPO,
     SHARED_COL_ENV,
+    SHARED_DATA_ENV,
     SHARED_DIFF_ENV,
     caffe_shared_col,
+    caffe_shared_data,
     caffe_shared_diff,
     import_caffe,
     set_mode,
@@ -655,6 +657,7 @@ def _memory_child(spec: dict) -> dict:
         "paper": net_memory(net, param, train),
         "shared_col": caffe_shared_col() and os.environ.get(SHARED_COL_ENV, "1") != "0",
         "shared_diff": caffe_shared_diff() and os.environ.get(SHARED_DIFF_ENV) == "1",
+        "shared_data": caffe_shared_data() and os.environ.get(SHARED_DATA_ENV) == "1",
     }
     print(json.dumps(out), file=sys.stdout, flush=True)
     return out
@@ -664,7 +667,8 @@ def _run_child(spec: dict, shared: bool, timeout: float = 3600, diff: bool = Fal
     import subprocess
     import sys
 
-    env = {**os.environ, SHARED_COL_ENV: "1" if shared else "0", SHARED_DIFF_ENV: "1" if diff else "0"}
+    env = {**os.environ, SHARED_COL_ENV: "1" if shared else "0"}
+    env.update({SHARED_DIFF_ENV: "1" if diff else "0", SHARED_DATA_ENV: "1" if diff else "0"})
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, "-m", "redseg.experiments.benchmark", "--memory-child", json.dumps(spec)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -764,8 +768,8 @@ def run_memory_benchmark(cfg: BenchConfig, data_root: Path, workdir: Path) -> di
 
     shared_build = caffe_shared_col()
     modes = ("shared", "own") if shared_build else ("own",)
-    # "diff": the shared im2col buffer and shared blob diffs (REDSEG_SHARED_DIFF=1), as the
-    # training driver builds its nets with a build that has both patches
+    # "diff": the shared im2col buffer and shared blob diffs and data (REDSEG_SHARED_DIFF=1,
+    # REDSEG_SHARED_DATA=1), as the training driver builds its nets with a build that has the patches
     all_modes = modes + (("diff",) if shared_build and caffe_shared_diff() else ())
     gpu = cfg.gpu is not None
     specs = {}
@@ -788,8 +792,8 @@ def run_memory_benchmark(cfg: BenchConfig, data_root: Path, workdir: Path) -> di
         f"{cfg.warmup} warm-up + {cfg.repeats} timed iterations (train nets: solver.step(1); deploy: forward), "
         "then its peak resident memory (getrusage ru_maxrss); shared: the patched Caffe's default, own: "
         f"{SHARED_COL_ENV}=0 (one buffer per layer, as upstream); diff: shared im2col buffer and "
-        f"{SHARED_DIFF_ENV}=1 (blob diffs share memory by liveness in backward); shared and own run with "
-        f"{SHARED_DIFF_ENV}=0",
+        f"{SHARED_DIFF_ENV}=1 and {SHARED_DATA_ENV}=1 (blob diffs and data share memory by liveness, as the "
+        f"training driver runs); shared and own run with {SHARED_DIFF_ENV}=0 and {SHARED_DATA_ENV}=0",
         "nets": {},
     }
     if not shared_build:

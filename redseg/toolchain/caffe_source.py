@@ -453,6 +453,20 @@ _SHARED_DIFF_MEMBERS = """\
   vector<int> shared_diff_slot_;
   vector<shared_ptr<Blob<Dtype> > > shared_diff_pool_;
   vector<int> shared_diff_capacity_;
+  // Red-Seg shared data memory: with REDSEG_SHARED_DATA=1 too, the data of the blobs in
+  // shared_data_blobs_ and the diffs of those in shared_data_diffs_ (taken over from the shared
+  // diff memory) live in one arena, item n (data, then diffs) from step shared_data_from_[n] to
+  // shared_data_to_[n] of an iteration (net.cpp).
+  void PlanSharedData();
+  void BindSharedData();
+  void CheckSharedData();
+  vector<int> shared_data_blobs_;
+  vector<int> shared_data_diffs_;
+  vector<int> shared_data_from_;
+  vector<int> shared_data_to_;
+  vector<shared_ptr<SyncedMemory> > shared_data_memory_;
+  shared_ptr<SyncedMemory> shared_data_arena_;
+  bool shared_data_gpu_;
 """
 
 _SHARED_DIFF_PLAN = """\
@@ -607,6 +621,234 @@ void Net<Dtype>::BindSharedDiffs() {
 
 """
 
+_SHARED_DATA_PLAN = """\
+// --- Red-Seg shared data memory (added by Red-Seg's make setup; docs/install.md) --------------
+// Upstream, every blob keeps its data (the activations) from one forward to the next, and with
+// the shared diff memory above the diffs still take buffers of their own. But in one training
+// iteration (forward, layers first to last, then backward, last to first) a blob's data is
+// written by the Forward of its producer and read last by the Backward of its producer (the
+// lowest layer that touches it): after that step nothing reads it before the next forward
+// writes it again. And the shared diff buffers are live only between two backward steps. With
+// REDSEG_SHARED_DATA=1 (and REDSEG_SHARED_DIFF=1) when the net is constructed, both live in one
+// arena, placed by their live intervals on the iteration's timeline (forward step i at t = i,
+// backward step i at t = 2L - 1 - i), largest first, each at the lowest offset that no
+// overlapping interval holds (greedy by size): the diffs of the lower layers' backward steps
+// reuse the memory of the upper layers' activations. For Red-Seg's VGG16 at 1072x712 the arena
+// is the activations' size, and the diffs take no memory of their own. Nothing is allocated or
+// freed per iteration; when a blob outgrows its place (a larger input), it takes memory of its
+// own (Blob::Reshape) and the plan is made again, for the new shapes, after the backward pass.
+//
+// Same arithmetic. A blob's data takes part only if every layer that has it as top writes all
+// of it in Forward without reading it first: checked layer by layer in this source,
+// Convolution and Deconvolution (a beta = 0 GEMM; col2im zeroes its output), ReLU, Sigmoid,
+// TanH and Dropout (elementwise assignment; in place they read what the layer below wrote in
+// the same forward), Pooling (set, then max or sum), Concat and Crop (copies that cover the
+// top) and Eltwise (set or assigned); Split's tops share their bottom's data. The diff buffers
+// keep the shared diff memory's rule (overwritten, never accumulated). Never the net's inputs
+// and outputs, loss tops, tops of other layer types (Input keeps what the user set), and no blob
+// a Python layer touches (it may hold a numpy view of the memory). So: the data of the
+// intermediate blobs is not kept after backward, and one backward pass follows each forward
+// pass. pycaffe users who read activations after backward, or run backward twice, leave
+// REDSEG_SHARED_DATA unset (the default); Red-Seg's training driver sets it.
+static bool RedSegDataWriter(const string& type) {
+  return type == "Convolution" || type == "Deconvolution" || type == "ReLU" ||
+      type == "Sigmoid" || type == "TanH" || type == "Dropout" ||
+      type == "Pooling" || type == "Concat" || type == "Crop" ||
+      type == "Eltwise";
+}
+
+template <typename Dtype>
+void Net<Dtype>::PlanSharedData() {
+  const int num_blobs = blobs_.size();
+  const int num_layers = layers_.size();
+  vector<int> producer(num_blobs, -1);  // lowest layer with the blob as top
+  vector<int> consumer(num_blobs, -1);  // highest layer with the blob as bottom
+  vector<bool> ok(num_blobs, true);
+  for (int i = 0; i < num_layers; ++i) {
+    const string type = layers_[i]->type();
+    for (int j = 0; j < bottom_id_vecs_[i].size(); ++j) {
+      const int b = bottom_id_vecs_[i][j];
+      consumer[b] = std::max(consumer[b], i);
+      if (type == "Python") {
+        ok[b] = false;
+      }
+    }
+    for (int k = 0; k < top_id_vecs_[i].size(); ++k) {
+      const int b = top_id_vecs_[i][k];
+      if (producer[b] < 0) {
+        producer[b] = i;
+      }
+      if (!RedSegDataWriter(type) || layers_[i]->loss(k) != Dtype(0)) {
+        ok[b] = false;
+      }
+    }
+  }
+  for (int i = 0; i < net_input_blob_indices_.size(); ++i) {
+    ok[net_input_blob_indices_[i]] = false;
+  }
+  for (int i = 0; i < net_output_blob_indices_.size(); ++i) {
+    ok[net_output_blob_indices_[i]] = false;
+  }
+  const int t_end = 2 * num_layers - 1;  // backward step i is at t_end - i
+  for (int b = 0; b < num_blobs; ++b) {
+    if (ok[b] && producer[b] >= 0 && blob_loss_weights_[b] == Dtype(0)) {
+      shared_data_blobs_.push_back(b);
+      shared_data_from_.push_back(producer[b]);
+      shared_data_to_.push_back(t_end - producer[b]);
+    }
+  }
+  // The diffs the shared diff memory chose, each now with its own interval in the arena (from
+  // the backward step of its consumer to that of its producer) instead of in its buffers.
+  shared_data_diffs_.swap(shared_diff_blobs_);
+  shared_diff_slot_.clear();
+  shared_diff_pool_.clear();
+  shared_diff_capacity_.clear();
+  for (int n = 0; n < shared_data_diffs_.size(); ++n) {
+    const int b = shared_data_diffs_[n];
+    shared_data_from_.push_back(t_end - consumer[b]);
+    shared_data_to_.push_back(t_end - producer[b]);
+  }
+  BindSharedData();
+}
+
+template <typename Dtype>
+void Net<Dtype>::BindSharedData() {
+  const int num_data = shared_data_blobs_.size();
+  const int num_items = num_data + shared_data_diffs_.size();
+  // Each item's bytes now, rounded up to 64.
+  vector<size_t> bytes(num_items);
+  for (int n = 0; n < num_items; ++n) {
+    const size_t count = blobs_[n < num_data ? shared_data_blobs_[n] :
+        shared_data_diffs_[n - num_data]]->count();
+    bytes[n] = (std::max(count, size_t(1)) * sizeof(Dtype) + 63) / 64 * 64;
+  }
+  // Greedy by size: largest first, each at the lowest offset free throughout its interval.
+  vector<std::pair<size_t, int> > order;
+  for (int n = 0; n < num_items; ++n) {
+    order.push_back(std::make_pair(bytes[n], -n));
+  }
+  std::sort(order.rbegin(), order.rend());
+  vector<size_t> offset(num_items, 0);
+  vector<int> placed;
+  size_t total = 0;
+  for (int m = 0; m < num_items; ++m) {
+    const int n = -order[m].second;
+    vector<std::pair<size_t, size_t> > taken;  // [begin, end) of overlapping placed items
+    for (int q = 0; q < placed.size(); ++q) {
+      const int p = placed[q];
+      if (shared_data_from_[p] <= shared_data_to_[n] &&
+          shared_data_from_[n] <= shared_data_to_[p]) {
+        taken.push_back(std::make_pair(offset[p], offset[p] + bytes[p]));
+      }
+    }
+    std::sort(taken.begin(), taken.end());
+    size_t at = 0;
+    for (int q = 0; q < taken.size(); ++q) {
+      if (at + bytes[n] <= taken[q].first) {
+        break;
+      }
+      at = std::max(at, taken[q].second);
+    }
+    offset[n] = at;
+    placed.push_back(n);
+    total = std::max(total, at + bytes[n]);
+  }
+  // The arena: kept while the plan fits in it. Each item gets a SyncedMemory that points into it.
+  const bool gpu = Caffe::mode() == Caffe::GPU;
+  // The old arena and places are kept alive until nothing points into them (below).
+  shared_ptr<SyncedMemory> old_arena = shared_data_arena_;
+  vector<shared_ptr<SyncedMemory> > old_places = shared_data_memory_;
+  std::set<const SyncedMemory*> old_memory;
+  for (int n = 0; n < old_places.size(); ++n) {
+    old_memory.insert(old_places[n].get());
+  }
+  if (!shared_data_arena_ || shared_data_arena_->size() < total || shared_data_gpu_ != gpu) {
+    shared_data_arena_.reset(new SyncedMemory(total));
+    shared_data_gpu_ = gpu;
+  }
+  char* base = static_cast<char*>(gpu ? shared_data_arena_->mutable_gpu_data() :
+      shared_data_arena_->mutable_cpu_data());
+  shared_data_memory_.resize(num_items);
+  size_t own = 0;
+  for (int n = 0; n < num_items; ++n) {
+    shared_ptr<SyncedMemory> memory(new SyncedMemory(bytes[n]));
+    if (gpu) {
+      memory->set_gpu_data(base + offset[n]);
+    } else {
+      memory->set_cpu_data(base + offset[n]);
+    }
+    shared_data_memory_[n] = memory;
+    own += bytes[n];
+    if (n < num_data) {
+      blobs_[shared_data_blobs_[n]]->set_data_memory(memory);
+    } else {
+      blobs_[shared_data_diffs_[n - num_data]]->set_diff_memory(memory);
+    }
+  }
+  // Blobs that still share an item's old place (Split's tops share their bottom's data until
+  // their next Reshape) get memory of their own: nothing points into an old arena or an old
+  // place after this.
+  for (int b = 0; b < blobs_.size(); ++b) {
+    const size_t size = std::max(blobs_[b]->count(), 1) * sizeof(Dtype);
+    if (old_memory.count(blobs_[b]->data().get())) {
+      blobs_[b]->set_data_memory(shared_ptr<SyncedMemory>(new SyncedMemory(size)));
+    }
+    if (old_memory.count(blobs_[b]->diff().get())) {
+      blobs_[b]->set_diff_memory(shared_ptr<SyncedMemory>(new SyncedMemory(size)));
+    }
+  }
+  LOG_IF(INFO, Caffe::root_solver()) << "Red-Seg shared data memory: "
+      << num_data << " blobs' data and " << num_items - num_data << " blobs' diffs in one arena of "
+      << total << " bytes instead of " << own;
+}
+
+// After a full backward pass: a blob or diff buffer that left its place (it outgrew it) means
+// the plan is made again for the current shapes (every item is dead now).
+template <typename Dtype>
+void Net<Dtype>::CheckSharedData() {
+  const int num_data = shared_data_blobs_.size();
+  for (int n = 0; n < shared_data_memory_.size(); ++n) {
+    const shared_ptr<SyncedMemory>& now = n < num_data ?
+        blobs_[shared_data_blobs_[n]]->data() : blobs_[shared_data_diffs_[n - num_data]]->diff();
+    if (now != shared_data_memory_[n]) {
+      BindSharedData();
+      return;
+    }
+  }
+}
+
+"""
+
+_SHARED_DATA_INIT = """\
+  // Red-Seg shared data memory: only with REDSEG_SHARED_DATA=1 and the shared diff memory (the
+  // data of intermediate blobs is then not kept after backward).
+  shared_data_gpu_ = false;
+  const char* shared_data = std::getenv("REDSEG_SHARED_DATA");
+  if (shared_data && std::string(shared_data) == "1" && !shared_diff_blobs_.empty()) {
+    PlanSharedData();
+  }
+"""
+
+_SHARED_DATA_BACKWARD = """\
+  if (end == 0 && !shared_data_blobs_.empty()) {
+    CheckSharedData();  // Red-Seg shared data memory: a new plan if a blob outgrew its place
+  }
+"""
+
+# Blob's two setters, for the above: a blob's data or diff in memory the net gives it.
+_SHARED_DATA_BLOB = """\
+  /// @brief Red-Seg shared data memory (added by Red-Seg's make setup; docs/install.md): keep this
+  ///        blob's data (diff) in `memory`, which the net places in its arena (net.cpp).
+  void set_data_memory(const shared_ptr<SyncedMemory>& memory) {
+    CHECK_GE(memory->size(), count_ * sizeof(Dtype));
+    data_ = memory;
+  }
+  void set_diff_memory(const shared_ptr<SyncedMemory>& memory) {
+    CHECK_GE(memory->size(), count_ * sizeof(Dtype));
+    diff_ = memory;
+  }
+"""
+
 _SHARED_DIFF_INIT = """\
   // Red-Seg shared diff memory: only with REDSEG_SHARED_DIFF=1 (the diffs of intermediate blobs
   // are then not kept after backward).
@@ -626,6 +868,10 @@ _SHARED_DIFF_RESHAPE = """\
   } else if (diff_ && diff_->size() < count_ * sizeof(Dtype)) {
     // Red-Seg shared diff memory: a diff shared with a smaller blob, too small now: its own again.
     diff_.reset(new SyncedMemory(capacity_ * sizeof(Dtype)));
+  }
+  if (data_ && data_->size() < count_ * sizeof(Dtype)) {
+    // Red-Seg shared data memory: data placed in a net's arena, too small now: its own again.
+    data_.reset(new SyncedMemory(capacity_ * sizeof(Dtype)));
 """
 
 
@@ -660,9 +906,41 @@ def _shared_diff_source(text: str) -> str | None:
     return text
 
 
+_SHARED_DATA_MARK = "Red-Seg shared data memory"
+
+
+def _shared_data_source(text: str) -> str | None:
+    if _SHARED_DATA_MARK in text:
+        done = "void Net<Dtype>::PlanSharedData()" in text and text.count("CheckSharedData();") == 1
+        return None if done and 'std::getenv("REDSEG_SHARED_DATA")' in text else ""
+    if "void Net<Dtype>::PlanSharedDiffs()" not in text:
+        return ""  # applied after shared-diff, whose buffers it places
+    for pattern, insert, before in (
+        (re.compile(r"(?=INSTANTIATE_CLASS\(Net\);\n)"), _SHARED_DATA_PLAN, True),
+        (re.compile(r"    PlanSharedDiffs\(\);\n  \}\n"), _SHARED_DATA_INIT, False),
+        (re.compile(r"      after_backward_\[c\]->run\(i\);\n    \}\n  \}\n"), _SHARED_DATA_BACKWARD, False),
+    ):
+        m = list(pattern.finditer(text))
+        if len(m) != 1:
+            return ""
+        at = m[0].start() if before else m[0].end()
+        text = text[:at] + insert + text[at:]
+    return text
+
+
+def _shared_data_blob(text: str) -> str | None:
+    if _SHARED_DATA_MARK in text:
+        return None if "void set_data_memory(" in text and "void set_diff_memory(" in text else ""
+    old = "  void ShareDiff(const Blob& other);\n"
+    if text.count(old) != 1:
+        return ""
+    return text.replace(old, old + _SHARED_DATA_BLOB)
+
+
 def _shared_diff_blob(text: str) -> str | None:
     if _SHARED_DIFF_MARK in text:
-        return None if "diff_->size() < count_ * sizeof(Dtype)" in text else ""
+        done = "diff_->size() < count_ * sizeof(Dtype)" in text and "data_->size() < count_ * sizeof(Dtype)" in text
+        return None if done else ""
     old = "    diff_.reset(new SyncedMemory(capacity_ * sizeof(Dtype)));\n  }\n}\n"
     if text.count(old) != 1:
         return ""
@@ -721,6 +999,18 @@ SHARED_DIFF_PATCHES = (
         "src/caffe/net.cpp",
         "shared diff memory: blob diffs whose backward live intervals do not overlap share buffers",
         _shared_diff_source,
+    ),
+    Patch(
+        "shared-data-decl",
+        "include/caffe/blob.hpp",
+        "shared data memory: a blob's data or diff in memory its net gives it",
+        _shared_data_blob,
+    ),
+    Patch(
+        "shared-data",
+        "src/caffe/net.cpp",
+        "shared data memory: activations and diff buffers in one arena by liveness (REDSEG_SHARED_DATA=1)",
+        _shared_data_source,
     ),
     Patch(
         "shared-diff-reshape",
@@ -786,8 +1076,12 @@ def patchset_id(shared_col: bool = True, shared_diff: bool = True) -> str:
             _SHARED_DIFF_INIT,
             _SHARED_DIFF_BACKWARD,
             _SHARED_DIFF_RESHAPE,
+            _SHARED_DATA_PLAN,
+            _SHARED_DATA_INIT,
+            _SHARED_DATA_BACKWARD,
+            _SHARED_DATA_BLOB,
         )
-        h.update(f"{_SHARED_DIFF_MARK}{''.join(inserted)}".encode())
+        h.update(f"{_SHARED_DIFF_MARK}{_SHARED_DATA_MARK}{''.join(inserted)}".encode())
     return h.hexdigest()[:8]
 
 

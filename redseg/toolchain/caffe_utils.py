@@ -93,12 +93,15 @@ def caffe_shared_col() -> bool:
     return _library_mentions(SHARED_COL_ENV.encode())
 
 
-# The runtime switch of the shared diff memory (make setup's patch, docs/install.md): "1" in the
-# environment when a Net is constructed lets the diffs of its intermediate blobs share memory by
-# liveness in backward; they are then not kept after backward. Off unless set (pycaffe users, the
-# gradient tests and redseg/training/grad_study.py read blob diffs after backward); the training driver
-# turns it on for the nets it builds (shared_diffs) unless the environment already says 0.
+# The runtime switches of the shared diff and data memory (make setup's patches, docs/install.md):
+# "1" in the environment when a Net is constructed lets the diffs of its intermediate blobs share
+# memory by liveness in backward (REDSEG_SHARED_DIFF), and with it their data and diffs share one
+# arena by liveness over the whole iteration (REDSEG_SHARED_DATA); neither is then kept after
+# backward. Off unless set (pycaffe users, the gradient tests and redseg/training/grad_study.py
+# read blobs after backward); the training driver turns both on for the nets it builds
+# (shared_blob_memory) unless the environment already sets them (=0: the user opted out).
 SHARED_DIFF_ENV = "REDSEG_SHARED_DIFF"
+SHARED_DATA_ENV = "REDSEG_SHARED_DATA"
 
 
 def caffe_shared_diff() -> bool:
@@ -107,18 +110,24 @@ def caffe_shared_diff() -> bool:
     return _library_mentions(SHARED_DIFF_ENV.encode())
 
 
+def caffe_shared_data() -> bool:
+    """Whether the imported Caffe has the project's shared data memory (its library reads
+    ``REDSEG_SHARED_DATA``; with the shared diff patches, make setup SHARED_DIFF=1)."""
+    return _library_mentions(SHARED_DATA_ENV.encode())
+
+
 @contextlib.contextmanager
-def shared_diffs():
-    """Nets constructed inside share their intermediate blobs' diff memory (REDSEG_SHARED_DIFF=1),
-    unless the environment already sets REDSEG_SHARED_DIFF (=0: the user opted out)."""
-    if SHARED_DIFF_ENV in os.environ:
-        yield
-        return
-    os.environ[SHARED_DIFF_ENV] = "1"
+def shared_blob_memory():
+    """Nets constructed inside share their intermediate blobs' diff memory (REDSEG_SHARED_DIFF=1) and
+    data memory (REDSEG_SHARED_DATA=1), each unless the environment already sets it (=0: opted out)."""
+    added = [env for env in (SHARED_DIFF_ENV, SHARED_DATA_ENV) if env not in os.environ]
+    for env in added:
+        os.environ[env] = "1"
     try:
         yield
     finally:
-        os.environ.pop(SHARED_DIFF_ENV, None)
+        for env in added:
+            os.environ.pop(env, None)
 
 
 def _visible_gpus() -> int | None:

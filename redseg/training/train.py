@@ -48,7 +48,7 @@ from redseg.toolchain.caffe_utils import (
     check_weights,
     import_caffe,
     set_mode,
-    shared_diffs,
+    shared_blob_memory,
 )
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ class TestLoss:
 
     def __call__(self) -> dict:
         t0 = time.perf_counter()
-        with shared_diffs():  # forward only: no diff is ever written (docs/install.md)
+        with shared_blob_memory():  # forward only: no diff is written, no data shares (docs/install.md)
             net = self.caffe.Net(str(test_loss_net_path(self.run)), self.caffe.TEST)
         try:
             net.share_with(self.solver.net)
@@ -588,9 +588,10 @@ def _train(run: StageRun, stop: StopSignals, n_samples: int) -> Path:
     caffe = set_mode(run.gpu)
     shutil.rmtree(staging_dir(run), ignore_errors=True)  # what a kill left mid-snapshot: never trusted
     solver_path = materialise(run)
-    # The train net's intermediate blob diffs share memory by liveness in backward (the shared
-    # diff memory, docs/install.md; REDSEG_SHARED_DIFF=0 opts out): nothing here reads them.
-    with shared_diffs():
+    # The train net's intermediate blobs share their diff and data memory by liveness (the shared
+    # diff and data memory, docs/install.md; REDSEG_SHARED_DIFF=0 or REDSEG_SHARED_DATA=0 opts
+    # out): nothing here reads them after backward, and each forward is followed by one backward.
+    with shared_blob_memory():
         solver = caffe.get_solver(str(solver_path))
     net = solver.net
     resume = None

@@ -1,15 +1,15 @@
 """Child processes of tests/toolchain/test_shared_diff.py: one Caffe run in a process of its own, with
-the shared diff memory on or off as the parent set REDSEG_SHARED_DIFF (read when a Net is
-constructed; redseg/toolchain/caffe_source.py).
+the shared diff and data memory on or off as the parent set REDSEG_SHARED_DIFF and
+REDSEG_SHARED_DATA (read when a Net is constructed; redseg/toolchain/caffe_source.py).
 
     python shared_diff_child.py sizes [--read-diffs] SIZE [SIZE ...]
         a net of in-place ReLUs, convolutions (3x3, 1x1), max pooling, a deconvolution, a crop,
         splits (blobs with two consumers), a concat, eltwise sums and a sigmoid, built at the
         first SIZE and run (forward + backward, twice each) at every SIZE after it in turn, so
         the net is reshaped up and down between backward passes. Prints JSON: the loss and every
-        parameter's gradient after each backward pass, every blob's data, how many distinct
-        diff buffers the blobs had after the last pass, and the peak resident memory above the
-        process's before the net existed (VmHWM). --read-diffs: read every blob's whole diff
+        blob's data after each forward pass, every parameter's gradient after each backward pass,
+        how many distinct diff buffers the blobs had after the last pass, and the peak resident
+        memory above the process's before the net existed (VmHWM). --read-diffs: read every blob's whole diff
         after each forward pass (before the backward pass binds the shared diffs again).
     python shared_diff_child.py train ...
         as shared_col_child.py train (the package's training driver, then the deploy net).
@@ -77,6 +77,7 @@ def sizes(sides: list[int], read_diffs: bool = False) -> None:
             net.blobs["data"].data[...] = rng.normal(0, 1, net.blobs["data"].data.shape)
             net.blobs["target"].data[...] = rng.normal(0, 1, net.blobs["target"].data.shape)
             loss = float(net.forward()["loss"])
+            data = {k: digest(b.data) for k, b in net.blobs.items()}  # (not kept after backward)
             if read_diffs:  # every blob's diff readable in full after a reshape (a shared diff
                 # too small is replaced by the blob's own) before the backward pass binds them again
                 for b in net.blobs.values():
@@ -90,7 +91,7 @@ def sizes(sides: list[int], read_diffs: bool = False) -> None:
                     "side": side,
                     "loss": loss.hex(),
                     "grads": {f"{k}/{i}": digest(p.diff) for k, ps in net.params.items() for i, p in enumerate(ps)},
-                    "data": {k: digest(b.data) for k, b in net.blobs.items()},
+                    "data": data,
                 }
             )
     buffers = {b.diff.__array_interface__["data"][0] for b in net.blobs.values()}
