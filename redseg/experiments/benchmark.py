@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import platform
+import re
 import resource
 import shutil
 import tempfile
@@ -670,6 +671,7 @@ def _run_child(spec: dict, shared: bool, timeout: float = 3600, diff: bool = Fal
     env = {**os.environ, SHARED_COL_ENV: "1" if shared else "0"}
     env.update({SHARED_DIFF_ENV: "1" if diff else "0", SHARED_DATA_ENV: "1" if diff else "0"})
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["GLOG_minloglevel"] = "0"  # Caffe's log lines of its memory plans
     cmd = [sys.executable, "-m", "redseg.experiments.benchmark", "--memory-child", json.dumps(spec)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -677,7 +679,15 @@ def _run_child(spec: dict, shared: bool, timeout: float = 3600, diff: bool = Fal
         raise RuntimeError(
             f"memory child ({spec['net']} at {spec['size']}, shared={shared}) failed: {' | '.join(tail)}"
         )
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    arena = _ARENA_LOG.findall(proc.stderr)
+    if arena:  # the first plan: the net as built, at this size
+        out["arena"] = {"bytes": int(arena[0][0]), "items_bytes": int(arena[0][1])}
+    return out
+
+
+# Caffe's log line of the shared data memory's plan (redseg/toolchain/caffe_source.py)
+_ARENA_LOG = re.compile(r"Red-Seg shared data memory: .* in one arena of (\d+) bytes instead of (\d+)")
 
 
 def _mem_available_mb() -> float | None:
@@ -739,18 +749,24 @@ def largest_photograph(scan: list[dict], budget_gb: float = MEMORY_BUDGET_GB) ->
     return out
 
 
-def gpu_memory_estimate(paper: dict) -> dict:
+def gpu_memory_estimate(paper: dict, arena: dict | None = None) -> dict:
     """GiB a net needs on a GPU at the measured size (:func:`net_memory`), shared and upstream, and
-    which cards that admits (with :data:`GPU_CONTEXT_GIB` for the CUDA context)."""
+    with the shared diff and data memory's ``arena`` (Caffe's plan: its bytes, and the bytes of the
+    data and diffs it holds) when given; which cards that admits (with :data:`GPU_CONTEXT_GIB` for
+    the CUDA context)."""
     out: dict = {
         "basis": "float32 blob shapes of the net at this size: data + diff of every blob, parameters' data, diff "
         "and momentum, max-pooling indices, and the im2col buffers (their sum upstream, the largest one shared); "
+        "diff: as shared, with the data and diffs Caffe's plan puts in its arena counted as the arena's size; "
         f"a card fits when that plus {GPU_CONTEXT_GIB} GiB for the CUDA context is within its memory. cuDNN is "
         "not used (docs/gpu.md); the Python layers' arrays live on the host.",
         "context_gib": GPU_CONTEXT_GIB,
     }
-    for mode, key in (("shared", "total_shared_bytes"), ("own", "total_own_bytes")):
-        gib = paper[key] / 2**30
+    totals = {"shared": paper["total_shared_bytes"], "own": paper["total_own_bytes"]}
+    if arena:
+        totals["diff"] = paper["total_shared_bytes"] - arena["items_bytes"] + arena["bytes"]
+    for mode, total in totals.items():
+        gib = total / 2**30
         out[mode] = {
             "gib": round(gib, 2),
             "cards": [f"{mem} GB: {names}" for mem, names in GPU_CARDS if gib + GPU_CONTEXT_GIB <= mem],
@@ -822,7 +838,10 @@ def run_memory_benchmark(cfg: BenchConfig, data_root: Path, workdir: Path) -> di
                 "seconds": summarize([t for c in children for t in c["seconds"]]),
             }
             entry["paper"] = children[0]["paper"]
-        entry["gpu_estimate"] = gpu_memory_estimate(entry["paper"])
+        arena = next((c["arena"] for c in runs.get("diff", []) if "arena" in c), None)
+        entry["gpu_estimate"] = gpu_memory_estimate(entry["paper"], arena)
+        if arena:
+            entry["arena"] = arena
         if "shared" in entry and "own" in entry:
             entry["saved_mb"] = round(entry["own"]["peak_rss_mb"] - entry["shared"]["peak_rss_mb"], 1)
             entry["saved_mb_paper"] = round(
@@ -1090,8 +1109,8 @@ def format_memory(mem: dict | None, size) -> list[str]:
     )
     if mem.get("shared_diff_build"):
         lines.append(
-            "  (diff: the shared im2col buffer and REDSEG_SHARED_DIFF=1, the blob diffs sharing memory by liveness in "
-            "backward, as the training driver builds its nets; shared and own: REDSEG_SHARED_DIFF=0)"
+            "  (diff: the shared im2col buffer, REDSEG_SHARED_DIFF=1 and REDSEG_SHARED_DATA=1, the blob diffs and data "
+            "sharing memory by liveness, as the training driver builds its nets; shared and own: both 0)"
         )
     big = mem.get("largest_photograph") or {}
     for mode in ("shared", "own"):
@@ -1106,7 +1125,9 @@ def format_memory(mem: dict | None, size) -> list[str]:
             )
     g = mem.get("gpu_estimate_stage1")
     if g:
-        for mode in ("shared", "own"):
+        for mode in ("diff", "shared", "own"):
+            if mode not in g:
+                continue
             lines.append(
                 f"  GPU, stage-1 iteration on paper, {mode}: {g[mode]['gib']} GiB + {g['context_gib']} GiB context; "
                 f"smallest card: {g[mode]['smallest_card_gb'] or 'over 24'} GB"

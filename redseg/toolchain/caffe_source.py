@@ -789,7 +789,10 @@ void Net<Dtype>::BindSharedData() {
   // their next Reshape) get memory of their own: nothing points into an old arena or an old
   // place after this.
   for (int b = 0; b < blobs_.size(); ++b) {
-    const size_t size = std::max(blobs_[b]->count(), 1) * sizeof(Dtype);
+    if (blobs_[b]->count() == 0) {
+      continue;  // may have no memory at all (Blob::data() would fail); reads none
+    }
+    const size_t size = blobs_[b]->count() * sizeof(Dtype);
     if (old_memory.count(blobs_[b]->data().get())) {
       blobs_[b]->set_data_memory(shared_ptr<SyncedMemory>(new SyncedMemory(size)));
     }

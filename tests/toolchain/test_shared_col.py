@@ -204,6 +204,10 @@ def test_the_benchmark_measures_each_net_both_ways(shared_caffe, tmp_path):
         stage1 = mem["nets"]["stage1"]
         assert stage1["diff"]["peak_rss_mb"] < stage1["shared"]["peak_rss_mb"] and stage1["saved_diff_mb"] > 0
         assert mem["nets"]["deploy"]["diff"]["seconds"]["n"] == 1
+        # and with the shared data memory: Caffe's plan, read from its log, on paper for a GPU
+        arena = stage1["arena"]
+        assert 0 < arena["bytes"] < arena["items_bytes"] < stage1["paper"]["total_shared_bytes"]
+        assert gpu["diff"]["gib"] < gpu["shared"]["gib"] and "arena" not in mem["nets"]["deploy"]
     assert "Memory at 128x96" in r.stdout
 
 
