@@ -9,7 +9,8 @@
 # Build arguments: VARIANT (cuda|cpu), BASE (debian:bookworm), DEBIAN_MIRROR (the Debian archive
 # to install from; default the base image's own), PIP_INDEX_URL, JOBS, CUDA_TOOLKIT (debian: CUDA
 # 11.8 from Debian's non-free archive, sm_61 to sm_90; wheels: NVIDIA's PyPI wheels, which hold a
-# whole compiler only from CUDA 13 on, sm_75 and newer), CUDA_WHEELS, CUDA_ARCH_BIN, CUDA_ARCH_PTX.
+# whole compiler only from CUDA 13 on, sm_75 and newer), CUDA_WHEELS, CUDA_ARCH_BIN, CUDA_ARCH_PTX,
+# SHARED_COL and SHARED_DIFF (1: the memory patches, the default; 0: without, docs/install.md).
 # The machine's CA bundle, if its network needs one, is a build secret:
 #   --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt
 # Mirror, CA and index are used in the build stages only: the final image copies the built Caffe,
@@ -41,6 +42,8 @@ ARG JOBS=
 ARG CUDA_WHEELS=
 ARG CUDA_ARCH_BIN="61 70 75 80 86 90"
 ARG CUDA_ARCH_PTX=90
+ARG SHARED_COL=1
+ARG SHARED_DIFF=1
 # The Caffe build and pip's downloads are kept in BuildKit cache mounts, outside the layers: a rebuild
 # after a change to the project re-stages the finished build instead of compiling it again.
 ENV REDSEG_CACHE=/opt/redseg-cache

@@ -11,8 +11,8 @@
 #   debs     the .deb files of those packages, for the final stage to install without a network
 #
 # Build arguments arrive as environment variables: VARIANT (cpu|cuda), DEBIAN_MIRROR, CUDA_TOOLKIT
-# (debian|wheels), CUDA_WHEELS, CUDA_ARCH_BIN, CUDA_ARCH_PTX, JOBS, PIP_INDEX_URL. The machine's CA
-# bundle, when given, is the build secret `ca` (/run/secrets/ca).
+# (debian|wheels), CUDA_WHEELS, CUDA_ARCH_BIN, CUDA_ARCH_PTX, SHARED_COL, SHARED_DIFF, JOBS,
+# PIP_INDEX_URL. The machine's CA bundle, when given, is the build secret `ca` (/run/secrets/ca).
 set -euo pipefail
 
 STEP=${1:?usage: tools/docker/build.sh system|caffe|debs}
@@ -72,9 +72,9 @@ step_system() {
 }
 
 step_caffe() {
-  local args=()
+  local args=("SHARED_COL=${SHARED_COL:-1}" "SHARED_DIFF=${SHARED_DIFF:-1}")
   if [ "$VARIANT" = cuda ]; then
-    args=(CUDA=1 "CUDA_ARCH_BIN=${CUDA_ARCH_BIN:-61 70 75 80 86 90}" "CUDA_ARCH_PTX=${CUDA_ARCH_PTX:-90}")
+    args+=(CUDA=1 "CUDA_ARCH_BIN=${CUDA_ARCH_BIN:-61 70 75 80 86 90}" "CUDA_ARCH_PTX=${CUDA_ARCH_PTX:-90}")
     case "$CUDA_TOOLKIT" in
       debian) args+=(CUDA_ROOT=/usr CUDA_HOST_COMPILER=/usr/bin/g++-11) ;;
       wheels) args+=("CUDA_WHEELS=${CUDA_WHEELS:-13}") ;;
