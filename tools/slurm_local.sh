@@ -17,11 +17,19 @@
 # cgroups: containers rarely have them), select/cons_tres with CR_CPU (a task takes one CPU, so
 # two tasks run side by side on two), no accounting (sacct then has nothing to say). Daemons run as
 # root, so start needs root. Every wait is bounded (SLURM_LOCAL_TIMEOUT seconds, default 60).
+#
+# Requeued jobs: SLURM holds a requeued job for the job credential's lifetime plus a second
+# (AuthInfo=cred_expire, SLURM's default 120 s, at least 5) before it may start again, so that the
+# new start's launch credential is newer than the revocation of the old start's; slurmd refuses a
+# launch whose credential is not ("already killed, do not launch batch job") and SLURM cancels the
+# job. This cluster sets cred_expire to SLURM_LOCAL_CRED_EXPIRE seconds (default 30), so that a
+# requeued task starts again within the tests' time; never bypass the hold with StartTime=now.
 set -euo pipefail
 
 DIR=${SLURM_LOCAL_DIR:-/tmp/redseg-slurm}
 TIMEOUT=${SLURM_LOCAL_TIMEOUT:-60}
 CTLD_PORT=${SLURM_LOCAL_PORT:-6817}
+CRED_EXPIRE=${SLURM_LOCAL_CRED_EXPIRE:-30}
 CONF=$DIR/slurm.conf
 export SLURM_CONF=$CONF
 
@@ -67,6 +75,10 @@ write_conf() {
     cpus=${SLURM_LOCAL_CPUS:-2}
     ((cpus <= $(nproc))) || cpus=$(nproc)
     mem=$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
+    # SLURM ignores a cred_expire under 5 (and uses 120): refuse it here instead
+    if ! [[ $CRED_EXPIRE =~ ^[0-9]+$ ]] || ((CRED_EXPIRE < 5)); then
+        die "SLURM_LOCAL_CRED_EXPIRE=$CRED_EXPIRE: seconds, at least 5 (SLURM's minimum for cred_expire)"
+    fi
     cat >"$CONF" <<EOF
 # Written by tools/slurm_local.sh: a one-node cluster in $DIR (nothing in /etc).
 ClusterName=redseg-local
@@ -77,7 +89,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$DIR/munge/munge.socket
+AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=$CRED_EXPIRE
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/slurmctld.pid

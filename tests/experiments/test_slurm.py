@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tools" / "slurm_local.sh"
 PORT = "6837"  # not SLURM's default 6817: a cluster started by hand on this machine stays untouched
 WAIT = 600  # seconds: every wait for the cluster is bounded
+RESTART_WAIT = 300  # seconds for a requeued task's second start: the hold (31 s here), then a loaded machine
 
 
 @pytest.fixture(scope="module")
@@ -88,16 +89,80 @@ def make_reproduce(run: Path, *variables: str, timeout: float = 600) -> subproce
     return proc
 
 
-def queued(ids: list[str]) -> list[str]:
-    proc = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(ids)], capture_output=True, text=True)
-    return proc.stdout.split("\n") if proc.returncode == 0 and proc.stdout.strip() else []
+def queued(ids: list[str]) -> list[str] | None:
+    """The jobs of ``ids`` still in the queue ("ID STATE" lines); None when squeue did not answer
+    (a busy controller: not a sign that they have ended)."""
+    try:
+        proc = subprocess.run(
+            ["squeue", "-h", "-o", "%i %T", "-j", ",".join(ids)], capture_output=True, text=True, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    if proc.returncode != 0:  # "Invalid job id": ended long enough ago for the controller to forget it
+        return [] if "invalid job id" in proc.stderr.lower() else None
+    return proc.stdout.split("\n") if proc.stdout.strip() else []
+
+
+def job_state(job: str) -> str | None:
+    """squeue's state of one job ("PENDING", "RUNNING", "COMPLETING", ...); "" once it has left the
+    queue; None when squeue did not answer (a busy controller: ask again)."""
+    try:
+        proc = subprocess.run(["squeue", "-h", "-o", "%T", "-j", job], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return None
+    if proc.returncode != 0:  # "Invalid job id": ended long enough ago for the controller to forget it
+        return "" if "invalid job id" in proc.stderr.lower() else None
+    return proc.stdout.strip()
+
+
+def cluster_report(cluster: Path, job: str, lines: int = 40) -> str:
+    """What the cluster says about a job: `scontrol show job`, and the tails of the controller's
+    and the node daemon's logs (tools/slurm_local.sh keeps them in the cluster's folder)."""
+    try:
+        show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=60)
+        parts = [f"$ scontrol show job {job}\n{(show.stdout + show.stderr).strip()}"]
+    except subprocess.TimeoutExpired:
+        parts = [f"$ scontrol show job {job}\n(no answer within 60 s)"]
+    for name in ("slurmctld.log", "slurmd.log"):
+        path = cluster / name
+        tail = path.read_text(errors="replace").splitlines()[-lines:] if path.is_file() else ["(none)"]
+        parts.append(f"--- the last {len(tail)} lines of {path}\n" + "\n".join(tail))
+    return "\n".join(parts)
+
+
+def wait_for_restart(cluster: Path, run: Path, task: str, timeout: float = RESTART_WAIT) -> None:
+    """Until a requeued task's second start shows in its log (bounded), following the task's state;
+    fails at once when the task leaves the queue without starting again, with what SLURM says.
+
+    SLURM holds a requeued job for the job credential's lifetime plus a second before it may start
+    again (its BeginTime; AuthInfo=cred_expire, 120 s by default, 30 s on tools/slurm_local.sh's
+    cluster): the new start's launch credential must be newer than the revocation of the old
+    start's, or slurmd refuses the launch ("already killed, do not launch batch job") and SLURM
+    cancels the task. So the test waits for it and never sets StartTime=now (which, within the
+    second of the requeue, made the task vanish and the gathering job run at once)."""
+    log = run / "slurm" / f"{task}.log"
+
+    def text() -> str:
+        return log.read_text() if log.is_file() else ""
+
+    end = time.monotonic() + timeout
+    while True:
+        state = job_state(task)  # before the log: a second start that ends in between still shows
+        if ", start 2," in text():
+            return
+        if state == "" or time.monotonic() > end:
+            what = "left the queue without starting again" if state == "" else f"did not start again in {timeout} s"
+            raise AssertionError(
+                f"requeued task {task} {what} (state {state!r}); its log:\n{text()}\n{cluster_report(cluster, task)}"
+            )
+        time.sleep(0.5)
 
 
 def wait_for(run: Path, record: dict, timeout: float = WAIT) -> None:
     """Until every job of the submission has left the queue (bounded; the logs in the message)."""
     ids = [*record["jobs"], record["gather"]]
     end = time.monotonic() + timeout
-    while queued(ids):
+    while (still := queued(ids)) is None or still:
         if time.monotonic() > end:
             logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((run / "slurm").glob("*.log")))
             raise AssertionError(f"jobs {ids} still queued after {timeout} s: {queued(ids)}\n{logs}")
@@ -293,17 +358,8 @@ def interrupted(cluster, tmp_path_factory):
                 sent[name] = done
         time.sleep(0.05)
     assert not pending, f"never saw two iterations of {list(pending)}"
-    # SLURM 22.05 holds a requeued job for about two minutes (its EligibleTime); the test does not
-    # wait: while the task is pending again it is told to start now, until its second start shows
-    # in its log (bounded; on a loaded machine the requeue can take a while to reach the queue).
-    task = record["tasks"]["ma_conv1-4"]
-    task_log = run / "slurm" / f"{task}.log"
-    end = time.monotonic() + 240
-    while time.monotonic() < end and ", start 2," not in (task_log.read_text() if task_log.is_file() else ""):
-        state = subprocess.run(["squeue", "-h", "-o", "%T", "-j", task], capture_output=True, text=True).stdout
-        if state.strip().startswith("PENDING"):
-            subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], capture_output=True, timeout=60)
-        time.sleep(0.5)
+    # the USR1'd task requeues itself; SLURM starts it again after the requeue hold (wait_for_restart)
+    wait_for_restart(cluster, run, record["tasks"]["ma_conv1-4"])
     wait_for(run, record)
     return run, record, sent, local
 
