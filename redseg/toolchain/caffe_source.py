@@ -501,30 +501,43 @@ static bool RedSegDiffWriter(const string& type, int bottom_id) {
       type == "Split";
 }
 
+// Each blob's producer (the lowest layer with it as top; -1: none) and highest consumer (the
+// highest layer with it as bottom; -1: none), from a net's bottom and top blob ids per layer.
+static void RedSegBlobSpans(const vector<vector<int> >& bottom_ids,
+    const vector<vector<int> >& top_ids, int num_blobs, vector<int>* producer,
+    vector<int>* consumer) {
+  producer->assign(num_blobs, -1);
+  consumer->assign(num_blobs, -1);
+  for (int i = 0; i < bottom_ids.size(); ++i) {
+    for (int j = 0; j < bottom_ids[i].size(); ++j) {
+      (*consumer)[bottom_ids[i][j]] = std::max((*consumer)[bottom_ids[i][j]], i);
+    }
+    for (int k = 0; k < top_ids[i].size(); ++k) {
+      if ((*producer)[top_ids[i][k]] < 0) {
+        (*producer)[top_ids[i][k]] = i;
+      }
+    }
+  }
+}
+
 template <typename Dtype>
 void Net<Dtype>::PlanSharedDiffs() {
   const int num_blobs = blobs_.size();
   const int num_layers = layers_.size();
-  vector<int> producer(num_blobs, -1);  // lowest layer with the blob as top
-  vector<int> consumer(num_blobs, -1);  // highest layer with the blob as bottom
+  vector<int> producer, consumer;
+  RedSegBlobSpans(bottom_id_vecs_, top_id_vecs_, num_blobs, &producer, &consumer);
   vector<bool> ok(num_blobs, true);
   for (int i = 0; i < num_layers; ++i) {
     const string type = layers_[i]->type();
     for (int j = 0; j < bottom_id_vecs_[i].size(); ++j) {
-      const int b = bottom_id_vecs_[i][j];
-      consumer[b] = std::max(consumer[b], i);
       if (!layer_need_backward_[i] || !bottom_need_backward_[i][j] ||
           !RedSegDiffWriter(type, j)) {
-        ok[b] = false;
+        ok[bottom_id_vecs_[i][j]] = false;
       }
     }
     for (int k = 0; k < top_id_vecs_[i].size(); ++k) {
-      const int b = top_id_vecs_[i][k];
-      if (producer[b] < 0) {
-        producer[b] = i;
-      }
       if (layers_[i]->loss(k) != Dtype(0) || !RedSegDiffWriter(type, 0)) {
-        ok[b] = false;
+        ok[top_id_vecs_[i][k]] = false;
       }
     }
   }
@@ -661,25 +674,19 @@ template <typename Dtype>
 void Net<Dtype>::PlanSharedData() {
   const int num_blobs = blobs_.size();
   const int num_layers = layers_.size();
-  vector<int> producer(num_blobs, -1);  // lowest layer with the blob as top
-  vector<int> consumer(num_blobs, -1);  // highest layer with the blob as bottom
+  vector<int> producer, consumer;
+  RedSegBlobSpans(bottom_id_vecs_, top_id_vecs_, num_blobs, &producer, &consumer);
   vector<bool> ok(num_blobs, true);
   for (int i = 0; i < num_layers; ++i) {
     const string type = layers_[i]->type();
     for (int j = 0; j < bottom_id_vecs_[i].size(); ++j) {
-      const int b = bottom_id_vecs_[i][j];
-      consumer[b] = std::max(consumer[b], i);
       if (type == "Python") {
-        ok[b] = false;
+        ok[bottom_id_vecs_[i][j]] = false;
       }
     }
     for (int k = 0; k < top_id_vecs_[i].size(); ++k) {
-      const int b = top_id_vecs_[i][k];
-      if (producer[b] < 0) {
-        producer[b] = i;
-      }
       if (!RedSegDataWriter(type) || layers_[i]->loss(k) != Dtype(0)) {
-        ok[b] = false;
+        ok[top_id_vecs_[i][k]] = false;
       }
     }
   }

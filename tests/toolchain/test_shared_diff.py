@@ -117,6 +117,13 @@ def test_a_tree_the_patch_does_not_fit_is_refused(pristine, tmp_path):
     with pytest.raises(cs.SourceError, match="patch shared-diff .*does not fit"):
         cs.apply_patches(tree)
 
+    loop = tmp_path / "loop"  # a backward loop without NCCL's callbacks: no place for the check
+    shutil.copytree(pristine, loop)
+    cpp = loop / "src/caffe/net.cpp"
+    cpp.write_text(cpp.read_text().replace("      after_backward_[c]->run(i);\n", ""))
+    with pytest.raises(cs.SourceError, match="patch shared-data .*does not fit"):
+        cs.apply_patches(loop)
+
 
 def test_setup_shared_diff_0_is_a_build_of_its_own(built, tmp_path):
     tarball = str(built / "source.tar.gz")
